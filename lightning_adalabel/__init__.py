@@ -1,0 +1,30 @@
+"""Adaptive Label Regularization (ALR, arXiv:1908.05474) for PyTorch Lightning classifiers."""
+
+from lightning_adalabel.callback import AdaLabel
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
+from lightning_adalabel.losses import (
+    adalabel_loss,
+    decoupled_loss,
+    mixed_loss,
+    residual_cross_entropy,
+    soft_target_cross_entropy,
+)
+from lightning_adalabel.module import AdaLabelMixin
+from lightning_adalabel.presets import PRESETS, Preset, resolve_preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaLabel",
+    "AdaLabelMixin",
+    "LabelMatrix",
+    "PRESETS",
+    "Preset",
+    "adalabel_loss",
+    "decoupled_loss",
+    "initial_label_matrix",
+    "mixed_loss",
+    "resolve_preset",
+    "residual_cross_entropy",
+    "soft_target_cross_entropy",
+]

@@ -1,0 +1,73 @@
+"""Named configurations that share the ALR engine, so one script can compare them side by side."""
+
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
+
+from lightning_adalabel.label_matrix import _check_config
+from lightning_adalabel.losses import LOSS_MODES
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything that defines a label-regularisation method on top of the engine.
+
+    Attributes:
+        samples: which samples feed the statistics (``"none"``: Q is never refreshed).
+        estimator: ``"mean"`` or ``"geometric"``.
+        momentum: weight of the new estimate at each refresh.
+        include_diagonal: statistics over the full softmax (OLS) rather than the residual over wrong classes (ALR).
+        loss: ``"decoupled"`` (CE + alpha x residual CE), ``"mixed"`` (soft-target CE) or ``"ce"`` (plain CE).
+        alpha: weight of the soft part of the loss.
+    """
+
+    samples: str
+    estimator: str
+    momentum: float
+    include_diagonal: bool
+    loss: str
+    alpha: float
+
+    def __post_init__(self) -> None:
+        _check_config(2, self.samples, self.estimator, self.momentum)
+        if self.loss not in LOSS_MODES:
+            raise ValueError(f"`loss` must be one of {LOSS_MODES}, got {self.loss!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
+            raise ValueError(f"`alpha` must be a number >= 0, got {self.alpha!r}.")
+        if self.loss == "mixed" and self.alpha > 1:
+            raise ValueError(
+                f"`alpha` must be in [0, 1] for the 'mixed' loss (it is the soft part of the target), got {self.alpha}."
+            )
+        if self.loss == "decoupled" and self.include_diagonal:
+            raise ValueError(
+                "The 'decoupled' loss needs a residual matrix (zero diagonal): set include_diagonal=False, or use"
+                " loss='mixed'."
+            )
+
+
+PRESETS: Dict[str, Preset] = {
+    # ALR: learn from the misclassified samples' predictions over wrong classes (starting point of issue 2; the
+    # benchmark chooses the final values).
+    "alr": Preset(samples="misclassified", estimator="mean", momentum=1.0, include_diagonal=False, loss="decoupled",
+                  alpha=0.5),
+    # Online Label Smoothing (Zhang et al. 2021): full softmax of correct samples, 0.5 CE(z, y) + 0.5 CE(z, Q[y]).
+    "ols": Preset(samples="correct", estimator="mean", momentum=1.0, include_diagonal=True, loss="mixed", alpha=0.5),
+    # Uniform Q over all K classes, never refreshed: exactly F.cross_entropy(..., label_smoothing=alpha).
+    "label_smoothing": Preset(samples="none", estimator="mean", momentum=1.0, include_diagonal=True, loss="mixed",
+                              alpha=0.1),
+    "none": Preset(samples="none", estimator="mean", momentum=1.0, include_diagonal=False, loss="ce", alpha=0.0),
+}
+
+
+def resolve_preset(name: str, **overrides: Optional[object]) -> Preset:
+    """The preset ``name`` with every override that is not ``None`` applied (and the result validated).
+
+    Example:
+        >>> resolve_preset("alr", alpha=0.3)
+        Preset(samples='misclassified', estimator='mean', momentum=1.0, include_diagonal=False, loss='decoupled', alpha=0.3)
+    """
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+    unknown = set(overrides) - set(Preset.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"Unknown preset fields {sorted(unknown)}.")
+    return replace(PRESETS[name], **{key: value for key, value in overrides.items() if value is not None})
