@@ -1,0 +1,52 @@
+"""Small models and data shared by the tests: real modules, real loaders, nothing mocked."""
+
+from typing import Any, Dict
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_adalabel import AdaLabelMixin
+
+
+class TinyClassifier(AdaLabelMixin, L.LightningModule):
+    """A linear classifier that trains with the mixin's default ``training_step``."""
+
+    def __init__(self, in_features: int = 8, num_classes: int = 5, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def make_loader(
+    num_samples: int = 128, in_features: int = 8, num_classes: int = 5, batch_size: int = 16, seed: int = 0
+) -> DataLoader:
+    """A fixed, unshuffled classification set whose labels depend on the inputs (so a model can learn them)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, in_features, generator=generator)
+    projection = torch.randn(in_features, num_classes, generator=generator)
+    y = (x @ projection).argmax(dim=1)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def trainer_kwargs(**overrides: Any) -> Dict[str, Any]:
+    """Quiet, deterministic CPU Trainer settings for tests."""
+    kwargs: Dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
