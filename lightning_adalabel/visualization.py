@@ -1,0 +1,56 @@
+"""Pictures of a label matrix. matplotlib is imported lazily: it is only needed when a picture is asked for."""
+
+from typing import Any, Optional, Sequence
+
+from torch import Tensor
+
+
+def plot_label_matrix(
+    matrix: Tensor,
+    class_names: Optional[Sequence[str]] = None,
+    title: str = "Label matrix Q (row: target class, column: soft label)",
+    annotate: Optional[bool] = None,
+) -> Any:
+    """A heatmap of ``matrix`` (K x K) as a new matplotlib figure; row k is the soft label of class k.
+
+    Args:
+        matrix: the label matrix, e.g. ``callback.label_matrix.matrix``.
+        class_names: tick labels (default: class indices).
+        title: figure title.
+        annotate: write each value in its cell; by default only when K <= 20.
+
+    Example:
+        >>> from lightning_adalabel import initial_label_matrix
+        >>> figure = plot_label_matrix(initial_label_matrix(3), class_names=["cat", "dog", "fox"])
+        >>> [label.get_text() for label in figure.axes[0].get_yticklabels()]
+        ['cat', 'dog', 'fox']
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    values = matrix.detach().float().cpu().numpy()
+    num_classes = values.shape[0]
+    names = [str(name) for name in class_names] if class_names is not None else [str(k) for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"Got {len(names)} class names for a {num_classes} x {num_classes} matrix.")
+    size = min(4.0 + 0.45 * num_classes, 24.0)
+    figure = Figure(figsize=(size + 1.5, size))
+    axes = figure.add_subplot()
+    image = axes.imshow(values, cmap="viridis", vmin=0.0)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    if num_classes <= 50:
+        axes.set_xticks(range(num_classes), labels=names, rotation=90 if num_classes > 10 else 0)
+        axes.set_yticks(range(num_classes), labels=names)
+    if annotate if annotate is not None else num_classes <= 20:
+        for row in range(num_classes):
+            for column in range(num_classes):
+                value = values[row, column]
+                color = "black" if value > 0.6 * values.max() else "white"
+                axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    axes.set_xlabel("soft-label class")
+    axes.set_ylabel("target class")
+    axes.set_title(title)
+    figure.tight_layout()
+    return figure
