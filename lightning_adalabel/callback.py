@@ -125,9 +125,6 @@ class AdaLabel(pl.Callback):
                 f" Declare `class {type(pl_module).__name__}(AdaLabelMixin, LightningModule)` and compute the training"
                 " loss with `self.adalabel_loss(logits, y)`."
             )
-        others = [cb for cb in trainer.callbacks if isinstance(cb, AdaLabel) and cb is not self]
-        if others:
-            raise ValueError("Only one AdaLabel callback can be attached to a Trainer; remove the extra ones.")
         pl_module._adalabel_callback = self
         self._pending = []
         self._values_checked = False

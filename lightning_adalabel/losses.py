@@ -1,4 +1,5 @@
-"""Functional losses of ALR; no state. All are computed in float32 whatever the input dtype.
+"""Functional losses of ALR; no state. All are computed in float32 (float64 inputs stay float64) whatever the
+input dtype, so bf16/fp16 logits under autocast cannot overflow the log-sum-exp.
 
 Targets are class indices (B,) or class probabilities (B x K, e.g. MixUp/CutMix). Every loss here is linear in
 the target distribution, so the loss of a probability target is the same mixture of the per-class losses.
@@ -11,6 +12,10 @@ from torch import Tensor
 LOSS_MODES = ("decoupled", "mixed", "ce")
 
 
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
 def soft_target_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
     """Mean over the batch of ``-sum_j t_j log softmax(z)_j``.
 
@@ -18,7 +23,7 @@ def soft_target_cross_entropy(logits: Tensor, target_probs: Tensor) -> Tensor:
         >>> soft_target_cross_entropy(torch.zeros(1, 4), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
         tensor(1.3863)
     """
-    return -(target_probs.float() * logits.float().log_softmax(dim=1)).sum(dim=1).mean()
+    return -(_at_least_float32(target_probs) * _at_least_float32(logits).log_softmax(dim=1)).sum(dim=1).mean()
 
 
 def _logsumexp_without_each_class(logits: Tensor) -> Tensor:
@@ -46,13 +51,14 @@ def residual_cross_entropy(logits: Tensor, target: Tensor, residual_labels: Tens
         >>> residual_cross_entropy(torch.zeros(1, 3), torch.tensor([0]), Q)
         tensor(0.6931)
     """
-    logits = logits.float()
-    residual_labels = residual_labels.float()
+    logits = _at_least_float32(logits)
+    residual_labels = _at_least_float32(residual_labels)
     if target.is_floating_point():
         # -sum_j Q[k,j] (z_j - lse_{-k}) = lse_{-k} - (z Q^T)_k for a zero-diagonal Q with rows summing to 1.
         lse_without = _logsumexp_without_each_class(logits)
-        per_class = lse_without * residual_labels.sum(dim=1) - logits @ residual_labels.T
-        return (target.float() * per_class).sum(dim=1).mean()
+        with torch.autocast(logits.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
+            per_class = lse_without * residual_labels.sum(dim=1) - logits @ residual_labels.T
+        return (_at_least_float32(target) * per_class).sum(dim=1).mean()
     true_class = F.one_hot(target, logits.shape[1]).bool()
     log_p_res = logits.masked_fill(true_class, float("-inf")).log_softmax(dim=1)
     # The true-class entry is -inf and its weight 0: fill it so that 0 * -inf does not turn into NaN.
@@ -87,9 +93,10 @@ def mixed_loss(logits: Tensor, target: Tensor, label_matrix: Tensor, alpha: floa
         True
     """
     if target.is_floating_point():
-        soft = target.float() @ label_matrix.float()
+        with torch.autocast(logits.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
+            soft = _at_least_float32(target) @ _at_least_float32(label_matrix)
     else:
-        soft = label_matrix.float()[target]
+        soft = _at_least_float32(label_matrix)[target]
     return (1.0 - alpha) * hard_cross_entropy(logits, target) + alpha * soft_target_cross_entropy(logits, soft)
 
 
@@ -97,7 +104,7 @@ def hard_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """``F.cross_entropy`` in float32 for class indices or class probabilities."""
     if target.is_floating_point():
         return soft_target_cross_entropy(logits, target)
-    return F.cross_entropy(logits.float(), target)
+    return F.cross_entropy(_at_least_float32(logits), target)
 
 
 def adalabel_loss(logits: Tensor, target: Tensor, label_matrix: Tensor, mode: str, alpha: float) -> Tensor:

@@ -1,0 +1,219 @@
+"""The engine against a naive per-sample, per-class reference written with Python loops and the math module."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_adalabel import LabelMatrix, initial_label_matrix
+
+SAMPLE_POLICIES = ("misclassified", "all", "correct")
+ESTIMATORS = ("mean", "geometric")
+
+
+def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagonal):
+    """Q after one refresh over ``batches``, one sample and one class at a time, in float64."""
+    num_classes = len(matrix)
+    sums = [[0.0] * num_classes for _ in range(num_classes)]
+    counts = [0] * num_classes
+    for logits, target in batches:
+        for z, y in zip(logits.tolist(), target.tolist()):
+            prediction = max(range(num_classes), key=lambda j: z[j])  # first maximum, as torch.argmax
+            if samples == "misclassified" and prediction == y or samples == "correct" and prediction != y:
+                continue
+            allowed = [j for j in range(num_classes) if include_diagonal or j != y]
+            top = max(z[j] for j in allowed)
+            normaliser = sum(math.exp(z[j] - top) for j in allowed)
+            for j in allowed:
+                probability = math.exp(z[j] - top) / normaliser
+                sums[y][j] += probability if estimator == "mean" else math.log(probability)
+            counts[y] += 1
+    refreshed = [list(row) for row in matrix.tolist()]
+    for k in range(num_classes):
+        if counts[k] == 0:
+            continue
+        allowed = [j for j in range(num_classes) if include_diagonal or j != k]
+        if estimator == "mean":
+            estimate = {j: sums[k][j] / counts[k] for j in allowed}
+        else:
+            weights = {j: math.exp(sums[k][j] / counts[k]) for j in allowed}
+            estimate = {j: weight / sum(weights.values()) for j, weight in weights.items()}
+        for j in range(num_classes):
+            refreshed[k][j] = (1 - momentum) * refreshed[k][j] + momentum * estimate.get(j, 0.0)
+    return torch.tensor(refreshed, dtype=torch.float64), counts
+
+
+def random_batches(num_classes, seed, num_batches=3, batch_size=12, tied=False, present=None):
+    """Random logits (integer-valued when ``tied``, so arg-max ties are common) and targets from ``present``."""
+    generator = torch.Generator().manual_seed(seed)
+    present = torch.arange(num_classes) if present is None else torch.tensor(present)
+    batches = []
+    for _ in range(num_batches):
+        if tied:
+            logits = torch.randint(-1, 2, (batch_size, num_classes), generator=generator).float()
+        else:
+            logits = 3 * torch.randn(batch_size, num_classes, generator=generator)
+        target = present[torch.randint(0, len(present), (batch_size,), generator=generator)]
+        batches.append((logits, target))
+    return batches
+
+
+@pytest.mark.parametrize(
+    "samples, estimator, momentum, include_diagonal",
+    list(itertools.product(SAMPLE_POLICIES, ESTIMATORS, (1.0, 0.3), (False, True))),
+)
+@pytest.mark.parametrize("tied", [False, True], ids=["distinct", "ties"])
+def test_refresh_matches_naive_reference(samples, estimator, momentum, include_diagonal, tied):
+    num_classes = 6
+    engine = LabelMatrix(num_classes, samples, estimator, momentum, include_diagonal)
+    # Two refreshes: the second starts from a learned (non-uniform) Q; classes 4 and 5 never appear in the first.
+    for refresh, present in enumerate([[0, 1, 2, 3], None]):
+        batches = random_batches(num_classes, seed=refresh, tied=tied, present=present)
+        expected, counts = naive_refresh(engine.matrix.double(), batches, samples, estimator, momentum,
+                                         include_diagonal)
+        for logits, target in batches:
+            engine.update(logits, target)
+        assert engine.counts.tolist() == counts
+        engine.refresh()
+        torch.testing.assert_close(engine.matrix.double(), expected, atol=1e-5, rtol=1e-5)
+        assert engine.counts.sum() == 0 and engine.sums.abs().sum() == 0
+
+
+def test_rows_without_samples_keep_their_value():
+    engine = LabelMatrix(4, samples="all")
+    engine.update(torch.randn(5, 4), torch.tensor([0, 0, 2, 2, 2]))
+    engine.refresh()
+    initial = initial_label_matrix(4)
+    torch.testing.assert_close(engine.matrix[[1, 3]], initial[[1, 3]])
+    assert not torch.allclose(engine.matrix[[0, 2]], initial[[0, 2]])
+
+
+def test_refresh_without_new_statistics_is_idempotent():
+    engine = LabelMatrix(5, samples="all", momentum=0.5)
+    logits, target = random_batches(5, seed=3, num_batches=1)[0]
+    engine.update(logits, target)
+    engine.refresh()
+    learned = engine.matrix.clone()
+    for _ in range(3):
+        engine.refresh()
+    assert torch.equal(engine.matrix, learned)
+    assert engine.num_refreshes == 4
+
+
+def test_probability_targets_count_under_their_dominant_class():
+    logits = torch.randn(6, 4)
+    soft = torch.softmax(5 * torch.randn(6, 4), dim=1)
+    by_probability, by_index = LabelMatrix(4, samples="all"), LabelMatrix(4, samples="all")
+    by_probability.update(logits, soft)
+    by_index.update(logits, soft.argmax(dim=1))
+    assert torch.equal(by_probability.accumulator, by_index.accumulator)
+
+
+def test_update_upcasts_low_precision_logits():
+    logits, target = random_batches(5, seed=1, num_batches=1)[0]
+    low, full = LabelMatrix(5, samples="all"), LabelMatrix(5, samples="all")
+    low.update(logits.bfloat16(), target)
+    full.update(logits.bfloat16().float(), target)
+    assert low.accumulator.dtype == torch.float32
+    assert torch.equal(low.accumulator, full.accumulator)
+
+
+def test_non_finite_rows_are_left_out_and_counted():
+    logits = torch.randn(4, 3)
+    logits[1, 0] = float("nan")
+    logits[3, 2] = float("inf")
+    target = torch.tensor([0, 1, 2, 2])
+    engine, reference = LabelMatrix(3, samples="all"), LabelMatrix(3, samples="all")
+    engine.update(logits, target)
+    reference.update(logits[[0, 2]], target[[0, 2]])
+    assert engine.nonfinite.tolist() == [0.0, 1.0, 1.0]
+    assert engine.seen.tolist() == [1.0, 1.0, 2.0]
+    torch.testing.assert_close(engine.sums, reference.sums)
+    engine.refresh()
+    assert torch.isfinite(engine.matrix).all()
+
+
+def test_samples_none_never_changes_q():
+    engine = LabelMatrix(3, samples="none", include_diagonal=True)
+    engine.update(torch.randn(8, 3), torch.randint(0, 3, (8,)))
+    engine.refresh()
+    assert torch.equal(engine.matrix, torch.full((3, 3), 1 / 3))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_classes=st.integers(2, 7),
+    batch_size=st.integers(1, 20),
+    samples=st.sampled_from(SAMPLE_POLICIES),
+    estimator=st.sampled_from(ESTIMATORS),
+    momentum=st.floats(0.01, 1.0),
+    include_diagonal=st.booleans(),
+    scale=st.floats(0.0, 50.0),
+    seed=st.integers(0, 2**16),
+)
+def test_q_stays_a_valid_label_matrix(num_classes, batch_size, samples, estimator, momentum, include_diagonal,
+                                      scale, seed):
+    generator = torch.Generator().manual_seed(seed)
+    engine = LabelMatrix(num_classes, samples, estimator, momentum, include_diagonal)
+    for _ in range(3):
+        logits = scale * torch.randn(batch_size, num_classes, generator=generator)
+        engine.update(logits, torch.randint(0, num_classes, (batch_size,), generator=generator))
+        engine.refresh()
+        matrix = engine.matrix
+        assert torch.isfinite(matrix).all() and (matrix >= 0).all()
+        torch.testing.assert_close(matrix.sum(dim=1), torch.ones(num_classes), atol=1e-5, rtol=0)
+        if not include_diagonal:
+            assert (matrix.diagonal() == 0).all()
+
+
+def test_state_dict_round_trip_is_exact():
+    engine = LabelMatrix(4, samples="all", estimator="geometric", momentum=0.7)
+    for logits, target in random_batches(4, seed=5):
+        engine.update(logits, target)
+    engine.refresh()
+    engine.update(*random_batches(4, seed=6, num_batches=1)[0])
+    restored = LabelMatrix(4, samples="all", estimator="geometric", momentum=0.7)
+    restored.load_state_dict(engine.state_dict())
+    assert torch.equal(restored.matrix, engine.matrix)
+    assert torch.equal(restored.accumulator, engine.accumulator)
+    assert restored.num_refreshes == 1
+
+
+def test_state_from_another_configuration_is_a_clear_error():
+    state = LabelMatrix(4).state_dict()
+    with pytest.raises(ValueError, match=r"num_classes=4 \(this one has 5\)"):
+        LabelMatrix(5).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"samples='misclassified' \(this one has 'all'\)"):
+        LabelMatrix(4, samples="all").load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_classes": 1}, "`num_classes` must be an integer >= 2"),
+        ({"num_classes": 3.0}, "`num_classes` must be an integer >= 2"),
+        ({"num_classes": 3, "samples": "wrong"}, "`samples` must be one of"),
+        ({"num_classes": 3, "estimator": "median"}, "`estimator` must be one of"),
+        ({"num_classes": 3, "momentum": 0.0}, r"`momentum` must be a number in \(0, 1\]"),
+        ({"num_classes": 3, "momentum": 1.5}, r"`momentum` must be a number in \(0, 1\]"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LabelMatrix(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "logits, target, message",
+    [
+        (torch.randn(4, 5), torch.zeros(4, dtype=torch.long), r"logits of shape \(batch, num_classes=3\)"),
+        (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), r"integer targets of shape \(4,\)"),
+        (torch.randn(4, 3), torch.rand(4, 2), "Probability targets must have the logits' shape"),
+    ],
+)
+def test_badly_shaped_batch_is_a_clear_error(logits, target, message):
+    with pytest.raises(ValueError, match=message):
+        LabelMatrix(3).update(logits, target)
