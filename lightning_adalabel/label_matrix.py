@@ -127,12 +127,11 @@ def residual_prediction_stats(logits: Tensor, target: Tensor, include_diagonal: 
     if include_diagonal:
         masked = logits
     else:
-        true_class = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, target[:, None], True)
-        masked = logits.masked_fill(true_class, float("-inf"))
+        masked = logits.scatter(1, target[:, None], float("-inf"))
     if estimator == "mean":
         return masked.softmax(dim=1)
     log_p = masked.log_softmax(dim=1)
-    return log_p if include_diagonal else log_p.masked_fill(true_class, 0.0)
+    return log_p if include_diagonal else log_p.scatter_(1, target[:, None], 0.0)
 
 
 def select_samples(logits: Tensor, target: Tensor, samples: str) -> Tensor:
@@ -153,11 +152,11 @@ def accumulate(
     accumulator: Tensor, logits: Tensor, target: Tensor, samples: str, estimator: str, include_diagonal: bool
 ) -> None:
     """Add one batch to the accumulator in place: a few vectorised ops and one ``index_add_``."""
-    finite = torch.isfinite(logits).all(dim=1)
-    # Non-finite rows are zeroed before the softmax so that no NaN reaches the sums (0 * NaN is NaN).
-    logits = torch.where(finite[:, None], logits, 0.0)
+    # A row sum is finite iff every entry is (for logits below ~1e35): one reduction, not a B x K boolean mask.
+    finite = torch.isfinite(logits.sum(dim=1))
     counted = select_samples(logits, target, samples) & finite
     stats = residual_prediction_stats(logits, target, include_diagonal, estimator)
+    # where, not a product: rows with NaN/Inf logits have NaN statistics, and 0 * NaN is NaN.
     stats = torch.where(counted[:, None], stats, 0.0)
     columns = torch.stack([counted, torch.ones_like(finite), ~finite], dim=1).to(stats.dtype)
     accumulator.index_add_(0, target, torch.cat([stats, columns], dim=1))

@@ -59,10 +59,10 @@ def residual_cross_entropy(logits: Tensor, target: Tensor, residual_labels: Tens
         with torch.autocast(logits.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
             per_class = lse_without * residual_labels.sum(dim=1) - logits @ residual_labels.T
         return (_at_least_float32(target) * per_class).sum(dim=1).mean()
-    true_class = F.one_hot(target, logits.shape[1]).bool()
-    log_p_res = logits.masked_fill(true_class, float("-inf")).log_softmax(dim=1)
-    # The true-class entry is -inf and its weight 0: fill it so that 0 * -inf does not turn into NaN.
-    return -(residual_labels[target] * log_p_res.masked_fill(true_class, 0.0)).sum(dim=1).mean()
+    # -sum_j Q[y,j] (z_j - lse_{-y}) = lse_{-y} - sum_j Q[y,j] z_j: no B x K log-softmax, and Q[y,y] = 0 keeps the
+    # masked -inf out of the product.
+    without_true = logits.scatter(1, target[:, None], float("-inf")).logsumexp(dim=1)
+    return (without_true - (residual_labels[target] * logits).sum(dim=1)).mean()
 
 
 def decoupled_loss(logits: Tensor, target: Tensor, residual_labels: Tensor, alpha: float) -> Tensor:
