@@ -72,6 +72,8 @@ class AdaLabel(pl.Callback):
         self.refresh_every_n_steps = refresh_every_n_steps
         self.label_matrix: Optional[LabelMatrix] = None
         self._last_refresh_step = 0
+        # The epoch whose statistics wait for its end-of-epoch refresh (None: nothing waits).
+        self._statistics_epoch: Optional[int] = None
         self._pending: List[Tuple[Tensor, Tensor]] = []
         self._values_checked = False
 
@@ -129,6 +131,14 @@ class AdaLabel(pl.Callback):
         self._pending = []
         self._values_checked = False
 
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        # Resumed from a checkpoint written on an epoch's last batch, Lightning skips that epoch's end and with it
+        # the refresh: do it before the next epoch's first loss, as an uninterrupted run would have.
+        if self._statistics_epoch is not None and self._statistics_epoch != trainer.current_epoch:
+            self._refresh(trainer, pl_module, on_step=False)
+
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -140,7 +150,9 @@ class AdaLabel(pl.Callback):
             )
         for logits, target in pending:  # one entry per adalabel_loss call of this step, usually one
             self.label_matrix.update(logits, target)  # type: ignore[union-attr]
-        if self.refresh_every_n_steps is not None:
+        if self.refresh_every_n_steps is None:
+            self._statistics_epoch = trainer.current_epoch
+        else:
             step = trainer.global_step
             # global_step only moves when the optimizer steps, so a refresh never falls between the micro-batches
             # of one accumulated step.
@@ -153,6 +165,7 @@ class AdaLabel(pl.Callback):
 
     def _refresh(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", on_step: bool) -> None:
         self._last_refresh_step = trainer.global_step
+        self._statistics_epoch = None
         if self.label_matrix is None:
             return
         stats = self.label_matrix.refresh(reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
@@ -181,6 +194,7 @@ class AdaLabel(pl.Callback):
             "config": self.preset.__dict__.copy(),
             "label_matrix": None if self.label_matrix is None else self.label_matrix.state_dict(),
             "last_refresh_step": self._last_refresh_step,
+            "statistics_epoch": self._statistics_epoch,
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -204,3 +218,4 @@ class AdaLabel(pl.Callback):
             )
             self.label_matrix.load_state_dict(saved)
         self._last_refresh_step = state_dict["last_refresh_step"]
+        self._statistics_epoch = state_dict["statistics_epoch"]
