@@ -1,4 +1,4 @@
-"""The ``adalabel`` command: ``adalabel demo`` (the embedded digits comparison)."""
+"""The ``adalabel`` command: the embedded digits demo, and LightningCLI recipes (``adalabel fit --config cifar10``)."""
 
 import sys
 from typing import List, Optional
@@ -7,7 +7,16 @@ USAGE = """usage: adalabel <command> [options]
 
 commands:
   demo      train a small CNN on scikit-learn's digits with every preset and print the comparison table
+  recipes   list the shipped recipes (CIFAR-10/100, ImageNet, AG News, Yahoo! Answers, Yelp Review Full)
+  fit       train with LightningCLI:  adalabel fit --config <recipe name or YAML> [--adalabel.preset ols ...]
+  validate  evaluate on the validation set: adalabel validate --config <recipe> --ckpt_path <checkpoint>
+  test      evaluate on the test set:       adalabel test --config <recipe> --ckpt_path <checkpoint>
+  predict   class probabilities:            adalabel predict --config <recipe> --ckpt_path <checkpoint>
+
+`adalabel <fit|validate|test|predict> --help` lists every option (--trainer.*, --model.*, --data.*, --adalabel.*).
 """
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -16,6 +25,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         from lightning_adalabel.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "recipes":
+        from lightning_adalabel.recipes import format_recipe_list
+
+        print(format_recipe_list())
+        return 0
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        # Imported here: `import lightning_adalabel` and `adalabel demo` must not pay for jsonargparse/torchvision.
+        from lightning_adalabel.recipes.lightning_cli import run
+
+        run(argv)
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0

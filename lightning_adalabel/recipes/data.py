@@ -1,0 +1,43 @@
+"""Data-loading helpers shared by the image and text recipes (no torchvision import)."""
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    train: bool,
+    pin_memory: bool = True,
+    persistent_workers: bool = True,
+    collate_fn: Optional[Callable] = None,
+) -> DataLoader:
+    """A DataLoader with the recipes' settings (Lightning swaps in a DistributedSampler under DDP)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,  # equal-sized training batches: BatchNorm never sees a batch of one
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,  # PyTorch refuses it without workers
+    )
+
+
+def split_indices(size: int, val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """A seeded random (train, validation) split of ``range(size)``, the same in every process.
+
+    Example:
+        >>> train, val = split_indices(10, 0.2, seed=0)
+        >>> len(train), len(val), sorted(train + val) == list(range(10))
+        (8, 2, True)
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction}.")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    num_val = int(round(size * val_fraction))
+    return order[num_val:], order[:num_val]

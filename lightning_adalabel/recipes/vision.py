@@ -1,0 +1,108 @@
+"""Image classification for the recipes: torchvision models, a CIFAR-style ResNet, and MixUp/CutMix batches whose
+probability targets flow into the ALR loss."""
+
+import warnings
+from typing import Any, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision import models
+from torchvision.transforms import v2
+
+from lightning_adalabel.recipes.classification import ClassificationModule
+
+CIFAR_PREFIX = "cifar_"
+
+# ImageClassifier mixes batches in its own on_after_batch_transfer on purpose (the mixing belongs to the model's
+# training, not to the data); Lightning would warn about it on every run with a data module.
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed")
+
+
+def build_image_model(arch: str, num_classes: int) -> nn.Module:
+    """A randomly initialised torchvision classifier by name.
+
+    ``arch`` is any name of ``torchvision.models.list_models()`` (``"resnet50"``, ``"vit_b_16"``, ...), or
+    ``"cifar_"`` + a ResNet name (``"cifar_resnet18"``): the same network with the CIFAR stem of He et al. 2016
+    (a 3x3 stride-1 first convolution and no max-pool), which keeps 32x32 inputs at full resolution in the first
+    stage instead of dividing it by 4.
+
+    Example:
+        >>> model = build_image_model("cifar_resnet18", num_classes=10)
+        >>> model(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    if not arch.startswith(CIFAR_PREFIX):
+        return models.get_model(arch, weights=None, num_classes=num_classes)
+    model = models.get_model(arch[len(CIFAR_PREFIX):], weights=None, num_classes=num_classes)
+    if not isinstance(model, models.ResNet):
+        raise ValueError(f"The CIFAR stem is defined for ResNets (e.g. 'cifar_resnet18'), got {arch!r}.")
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_batch_mixing(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> Optional[v2.Transform]:
+    """torchvision's batch MixUp and/or CutMix (one of the two, chosen at random per batch, when both are on).
+
+    The transform maps ``(images, class indices)`` to ``(mixed images, B x K probabilities)`` with
+    ``t = lam * onehot(y) + (1 - lam) * onehot(y rolled by one)``; ``None`` when both alphas are 0.
+    """
+    mixers: List[v2.Transform] = []
+    if mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+class ImageClassifier(ClassificationModule):
+    """An image classifier for the CIFAR and ImageNet recipes.
+
+    Args:
+        num_classes: K.
+        arch: torchvision model name, or ``"cifar_resnet18"`` etc. (see :func:`build_image_model`).
+        channels_last: keep weights and input batches in NHWC memory layout (faster convolutions with mixed
+            precision on tensor-core GPUs).
+        mixup_alpha: MixUp's Beta(alpha, alpha) parameter on training batches; 0 turns MixUp off.
+        cutmix_alpha: CutMix's Beta(alpha, alpha) parameter on training batches; 0 turns CutMix off.
+        **kwargs: optimizer and schedule settings of
+            :class:`~lightning_adalabel.recipes.classification.ClassificationModule` (``lr``,
+            ``momentum``, ``weight_decay``, ``schedule``, ``warmup_epochs``, ``lr_reference_batch_size``, ...).
+
+    MixUp/CutMix run on the device, after the batch is transferred, on training batches only; the resulting
+    probability targets go to ``self.adalabel_loss``, whose loss is linear in the target, so a mixed target
+    ``lam * a + (1 - lam) * b`` costs exactly ``lam * loss(a) + (1 - lam) * loss(b)``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "cifar_resnet18",
+        channels_last: bool = False,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        self.save_hyperparameters()
+        self.net = build_image_model(arch, num_classes)
+        self.channels_last = channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.batch_mixing = build_batch_mixing(num_classes, mixup_alpha, cutmix_alpha)
+
+    def mix_batch(self, images: Tensor, target: Tensor) -> "tuple[Tensor, Tensor]":
+        """MixUp/CutMix one training batch: ``(images, class indices)`` -> ``(images, B x K probabilities)``."""
+        if self.batch_mixing is None:
+            return images, target
+        return self.batch_mixing(images, target)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, target = batch
+        if self.trainer.training:
+            images, target = self.mix_batch(images, target)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, target
