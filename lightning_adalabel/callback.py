@@ -1,15 +1,22 @@
 """``AdaLabel``: the Lightning callback that owns the label matrix and decides when it is refreshed."""
 
-from typing import Any, Dict, List, Optional, Tuple
+import os
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_adalabel.label_matrix import LabelMatrix, check_batch_values
+from lightning_adalabel.label_matrix import LabelMatrix, check_batch_values, validate_label_matrix
+from lightning_adalabel.label_matrix_logging import log_label_matrix
 from lightning_adalabel.losses import adalabel_loss
 from lightning_adalabel.presets import Preset, resolve_preset
+
+# The refresh scalars are computed from all-reduced statistics and are identical on every rank: syncing them again
+# would only add collectives, so Lightning's advice to log them with sync_dist=True does not apply to them.
+warnings.filterwarnings("ignore", message=r".*self\.log\('adalabel/.*sync_dist=True", category=UserWarning)
 
 
 class AdaLabel(pl.Callback):
@@ -32,6 +39,13 @@ class AdaLabel(pl.Callback):
         loss: ``"decoupled"`` (CE + alpha x residual CE), ``"mixed"`` (soft-target CE) or ``"ce"``.
         include_diagonal: keep the true class in the statistics (full softmax) instead of the residual.
         refresh_every_n_steps: refresh every N optimizer steps instead of at each training epoch's end.
+        initial_matrix: start Q from this K x K matrix (a tensor, or a ``.pt``/``.csv`` path written by
+            :func:`~lightning_adalabel.save_label_matrix`) instead of the uniform one. With ``preset="fixed"``
+            (or ``samples="none"``) Q stays that matrix for the whole run: a learned Q reused as fixed soft labels.
+        log_label_matrix: at each refresh, log a heatmap of Q and its ``top_pairs`` most correlated class pairs
+            (TensorBoard figure and text; with other loggers a PNG and a CSV under ``<log_dir>/label_matrix/``).
+        class_names: names for the heatmap's axes and the pairs (default: class indices).
+        top_pairs: how many of the largest off-diagonal entries of Q to log.
 
     Example::
 
@@ -51,6 +65,10 @@ class AdaLabel(pl.Callback):
         loss: Optional[str] = None,
         include_diagonal: Optional[bool] = None,
         refresh_every_n_steps: Optional[int] = None,
+        initial_matrix: Union[Tensor, str, "os.PathLike[str]", None] = None,
+        log_label_matrix: bool = False,
+        class_names: Optional[Sequence[str]] = None,
+        top_pairs: int = 10,
     ) -> None:
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 2):
@@ -76,6 +94,35 @@ class AdaLabel(pl.Callback):
         self._statistics_epoch: Optional[int] = None
         self._pending: List[Tuple[Tensor, Tensor]] = []
         self._values_checked = False
+        self.initial_matrix = self._initial_matrix(initial_matrix)
+        self.log_label_matrix = log_label_matrix
+        self.class_names = self._class_names(class_names)
+        if isinstance(top_pairs, bool) or not isinstance(top_pairs, int) or top_pairs < 0:
+            raise ValueError(f"`top_pairs` must be a non-negative integer, got {top_pairs!r}.")
+        self.top_pairs = top_pairs
+
+    def _initial_matrix(self, initial_matrix: Union[Tensor, str, "os.PathLike[str]", None]) -> Optional[Tensor]:
+        if initial_matrix is None:
+            if self.preset_name == "fixed":
+                raise ValueError(
+                    "Preset 'fixed' trains with a given label matrix: pass `initial_matrix=` (a K x K tensor or the"
+                    " path of one written by save_label_matrix)."
+                )
+            return None
+        from lightning_adalabel.label_matrix_io import load_label_matrix
+
+        matrix = initial_matrix if isinstance(initial_matrix, Tensor) else load_label_matrix(initial_matrix)
+        validate_label_matrix(matrix, self.num_classes, self.preset.include_diagonal)
+        self.num_classes = matrix.shape[0]
+        return matrix.detach().to("cpu", torch.float32).clone()
+
+    def _class_names(self, class_names: Optional[Sequence[str]]) -> Optional[List[str]]:
+        if class_names is None:
+            return None
+        names = [str(name) for name in class_names]
+        if self.num_classes is not None and len(names) != self.num_classes:
+            raise ValueError(f"Got {len(names)} `class_names` for {self.num_classes} classes; give one per class.")
+        return names
 
     # ---- the loss side, called by AdaLabelMixin.adalabel_loss -------------------------------------------------
 
@@ -101,6 +148,7 @@ class AdaLabel(pl.Callback):
                 momentum=self.preset.momentum,
                 include_diagonal=self.preset.include_diagonal,
                 device=logits.device,
+                initial_matrix=self.initial_matrix,
             )
         elif num_classes != self.label_matrix.num_classes:
             raise ValueError(self._num_classes_mismatch(num_classes, self.label_matrix.num_classes))
@@ -180,6 +228,8 @@ class AdaLabel(pl.Callback):
             on_epoch=not on_step,
             batch_size=1,
         )
+        if self.log_label_matrix:  # heatmap and top class pairs of the new Q, written by global rank 0 only
+            log_label_matrix(trainer, self.label_matrix.matrix, self.class_names, self.top_pairs)
         if nonfinite > 0:  # one host sync per refresh, never per batch
             rank_zero_warn(
                 f"AdaLabel left {int(nonfinite)} training samples out of the label statistics because their logits were"

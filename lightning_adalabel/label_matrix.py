@@ -51,6 +51,51 @@ def initial_label_matrix(
     return matrix.fill_diagonal_(0.0)
 
 
+def validate_label_matrix(matrix: Tensor, num_classes: Optional[int] = None, include_diagonal: bool = False) -> None:
+    """Raise a ``ValueError`` that names the problem and the fix unless ``matrix`` is a valid label matrix.
+
+    Valid: a K x K float tensor (K = ``num_classes`` when given), finite, non-negative, rows summing to 1, and for a
+    residual matrix (``include_diagonal=False``, the ALR default) a zero diagonal.
+
+    Example:
+        >>> validate_label_matrix(initial_label_matrix(3))
+        >>> validate_label_matrix(torch.full((3, 3), 1 / 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: A residual label matrix (include_diagonal=False) must have a zero diagonal, ...
+    """
+    if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+        raise ValueError(f"A label matrix must be a square K x K tensor, got {shape}.")
+    if num_classes is not None and matrix.shape[0] != num_classes:
+        raise ValueError(
+            f"The label matrix is {matrix.shape[0]} x {matrix.shape[0]} but the model has {num_classes} classes: use"
+            " a matrix learned on the same label set, or set `num_classes` to match it."
+        )
+    if not matrix.is_floating_point():
+        raise ValueError(f"A label matrix must hold floating-point probabilities, got dtype {matrix.dtype}.")
+    matrix = matrix.detach().double().cpu()
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError("The label matrix contains NaN or Inf; it cannot be used as soft labels. Re-export it.")
+    if bool((matrix < 0).any()):
+        raise ValueError(
+            f"A label matrix must be non-negative (its rows are probabilities), got a minimum of {matrix.min():.4g}."
+        )
+    row_sums = matrix.sum(dim=1)
+    if not torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4):
+        worst = int((row_sums - 1).abs().argmax())
+        raise ValueError(
+            f"Every row of a label matrix must sum to 1, but row {worst} sums to {row_sums[worst]:.6g}. Normalise it"
+            " first: `matrix / matrix.sum(dim=1, keepdim=True)`."
+        )
+    if not include_diagonal and bool((matrix.diagonal().abs() > 1e-6).any()):
+        raise ValueError(
+            "A residual label matrix (include_diagonal=False) must have a zero diagonal, but this one has"
+            f" diagonal entries up to {matrix.diagonal().max():.4g}. If it is a full-softmax matrix (e.g. from"
+            " preset 'ols'), set include_diagonal=True and loss='mixed'."
+        )
+
+
 def _check_config(num_classes: int, samples: str, estimator: str, momentum: float) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
@@ -194,6 +239,8 @@ class LabelMatrix:
         include_diagonal: keep the true class in the statistics (full softmax, Online Label Smoothing) instead
             of the residual (wrong classes only, ALR).
         device: where Q and the statistics live (the logits' device).
+        initial_matrix: start from this K x K matrix instead of the uniform one (checked by
+            :func:`validate_label_matrix`); with ``samples="none"`` it stays fixed.
 
     Example:
         >>> matrix = LabelMatrix(3, samples="all")
@@ -215,6 +262,7 @@ class LabelMatrix:
         momentum: float = 1.0,
         include_diagonal: bool = False,
         device: Optional[Union[str, torch.device]] = None,
+        initial_matrix: Optional[Tensor] = None,
     ) -> None:
         _check_config(num_classes, samples, estimator, momentum)
         self.num_classes = num_classes
@@ -222,7 +270,11 @@ class LabelMatrix:
         self.estimator = estimator
         self.momentum = float(momentum)
         self.include_diagonal = include_diagonal
-        self.matrix = initial_label_matrix(num_classes, include_diagonal, device)
+        if initial_matrix is None:
+            self.matrix = initial_label_matrix(num_classes, include_diagonal, device)
+        else:  # e.g. a matrix learned by an earlier run (load_label_matrix), used as a fixed or warm-start Q
+            validate_label_matrix(initial_matrix, num_classes, include_diagonal)
+            self.matrix = initial_matrix.detach().to(device, torch.float32).clone()
         self.accumulator = torch.zeros(num_classes, num_classes + 3, device=device)
         self.num_refreshes = 0
 

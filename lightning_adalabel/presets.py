@@ -54,6 +54,9 @@ PRESETS: Dict[str, Preset] = {
     # Uniform Q over all K classes, never refreshed: exactly F.cross_entropy(..., label_smoothing=alpha).
     "label_smoothing": Preset(samples="none", estimator="mean", momentum=1.0, include_diagonal=True, loss="mixed",
                               alpha=0.1),
+    # A given Q (AdaLabel(initial_matrix=...), e.g. one learned by an earlier ALR run), never refreshed.
+    "fixed": Preset(samples="none", estimator="mean", momentum=1.0, include_diagonal=False, loss="decoupled",
+                    alpha=0.5),
     "none": Preset(samples="none", estimator="mean", momentum=1.0, include_diagonal=False, loss="ce", alpha=0.0),
 }
 

@@ -1,6 +1,6 @@
 """Pictures of a label matrix. matplotlib is imported lazily: it is only needed when a picture is asked for."""
 
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -54,3 +54,34 @@ def plot_label_matrix(
     axes.set_title(title)
     figure.tight_layout()
     return figure
+
+
+def top_correlated_pairs(
+    matrix: Tensor, n: int = 10, class_names: Optional[Sequence[str]] = None
+) -> List[Tuple[str, str, float]]:
+    """The ``n`` largest off-diagonal entries of ``matrix``: ``(target class, soft-label class, Q value)``, largest first.
+
+    Row k of Q is the soft label of class k, so a large ``Q[k, j]`` means the network, when wrong on class k,
+    tends to answer j: k and j are correlated (confusable) classes. The pairs are directed: ``Q[k, j]`` and
+    ``Q[j, k]`` are listed separately.
+
+    Example:
+        >>> import torch
+        >>> Q = torch.tensor([[0.0, 0.9, 0.1], [0.5, 0.0, 0.5], [0.2, 0.8, 0.0]])
+        >>> top_correlated_pairs(Q, 2, class_names=["cat", "dog", "fox"])
+        [('cat', 'dog', 0.9), ('fox', 'dog', 0.8)]
+    """
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"Expected a square K x K label matrix, got shape {tuple(matrix.shape)}.")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"`n` must be a non-negative integer, got {n!r}.")
+    num_classes = matrix.shape[0]
+    names = [str(name) for name in class_names] if class_names is not None else [str(k) for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"Got {len(names)} class names for a {num_classes} x {num_classes} matrix.")
+    values = matrix.detach().float().cpu().clone().fill_diagonal_(float("-inf")).flatten()
+    top = values.topk(min(n, num_classes * (num_classes - 1)))
+    return [
+        (names[index // num_classes], names[index % num_classes], round(value, 6))
+        for value, index in zip(top.values.tolist(), top.indices.tolist())
+    ]
