@@ -29,12 +29,17 @@ from lightning_adalabel.presets import PRESETS
 NUM_CLASSES = 10
 NUM_TRAIN = 1000
 DEMO_PRESETS = ("none", "label_smoothing", "ols", "alr")
+NOISE_TYPES = ("flip", "symmetric")
 
 
-def load_digits_split(noise: float = 0.0, seed: int = 0) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def load_digits_split(
+    noise: float = 0.0, seed: int = 0, noise_type: str = "flip"
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)``: images as ``N x 1 x 8 x 8`` floats in [0, 1], integer labels.
 
-    The split is the same for every seed; ``seed`` picks which training labels are flipped.
+    The split is the same for every seed; ``seed`` picks which training labels are corrupted. ``noise_type``
+    ``"flip"`` (class-dependent) sends a corrupted label ``y -> (y + 1) mod 10``; ``"symmetric"`` sends it to a
+    uniformly random *other* class.
 
     Example:
         >>> x_train, y_train, x_test, y_test = load_digits_split(noise=0.3, seed=0)
@@ -42,6 +47,9 @@ def load_digits_split(noise: float = 0.0, seed: int = 0) -> Tuple[Tensor, Tensor
         ((1000, 1, 8, 8), (797, 1, 8, 8))
         >>> clean = load_digits_split()[1]
         >>> int((y_train != clean).sum()), bool(((clean + 1) % 10 == y_train)[y_train != clean].all())
+        (300, True)
+        >>> y_symmetric = load_digits_split(noise=0.3, seed=0, noise_type="symmetric")[1]
+        >>> int((y_symmetric != clean).sum()), len(set(((y_symmetric - clean) % 10)[y_symmetric != clean].tolist())) > 1
         (300, True)
     """
     try:
@@ -52,14 +60,19 @@ def load_digits_split(noise: float = 0.0, seed: int = 0) -> Tuple[Tensor, Tensor
         ) from error
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"`noise` is the fraction of training labels to flip and must be in [0, 1), got {noise}.")
+    if noise_type not in NOISE_TYPES:
+        raise ValueError(f"`noise_type` must be one of {NOISE_TYPES}, got {noise_type!r}.")
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     train, test = order[:NUM_TRAIN], order[NUM_TRAIN:]
     y_train = labels[train].clone()
-    flipped = torch.randperm(NUM_TRAIN, generator=torch.Generator().manual_seed(seed))[: round(noise * NUM_TRAIN)]
-    y_train[flipped] = (y_train[flipped] + 1) % NUM_CLASSES
+    generator = torch.Generator().manual_seed(seed)
+    flipped = torch.randperm(NUM_TRAIN, generator=generator)[: round(noise * NUM_TRAIN)]
+    # A shift in [1, K) never maps a label onto itself: (y + 1) for "flip", uniform over the others for "symmetric".
+    shift = 1 if noise_type == "flip" else torch.randint(1, NUM_CLASSES, (len(flipped),), generator=generator)
+    y_train[flipped] = (y_train[flipped] + shift) % NUM_CLASSES
     return images[train], y_train, images[test], labels[test]
 
 
@@ -116,13 +129,16 @@ def run_digits(
     batch_size: int = 64,
     progress_bar: bool = True,
     callback: Optional[AdaLabel] = None,
+    noise_type: str = "flip",
     **trainer_overrides: Any,
 ) -> Tuple[RunResult, AdaLabel]:
     """Train :class:`DigitsCNN` with ``callback`` (default ``AdaLabel(preset=method)``) and evaluate it.
 
+    ``noise`` and ``noise_type`` corrupt the training labels as in :func:`load_digits_split`.
+
     Returns the result row and the callback, whose ``label_matrix`` holds the learned Q.
     """
-    x_train, y_train, x_test, y_test = load_digits_split(noise, seed)
+    x_train, y_train, x_test, y_test = load_digits_split(noise, seed, noise_type)
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(
         TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True,

@@ -75,7 +75,7 @@ def test_loss_uses_initial_q_before_the_first_refresh():
         + 0.5 * -(initial_label_matrix(5)[y] * logits.masked_fill(F.one_hot(y, 5).bool(), -torch.inf)
                   .log_softmax(1).masked_fill(F.one_hot(y, 5).bool(), 0)).sum(1).mean()
     )
-    fit(AdaLabel(), model)
+    fit(AdaLabel(alpha=0.5), model)
     for loss, expected in model.pairs:
         torch.testing.assert_close(loss, expected)
 

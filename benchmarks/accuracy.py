@@ -1,0 +1,222 @@
+"""Accuracy benchmark: every preset and the ALR variants on scikit-learn's digits, clean and with label noise.
+
+Every run goes through the package's own API (``run_digits(..., callback=AdaLabel(...))``: a real Trainer, the
+callback and the mixin), so the numbers are those a user gets. The ALR variants move one knob at a time away from
+the current ``alr`` preset, so the table says what each default is worth.
+
+Usage::
+
+    python benchmarks/accuracy.py --seeds 5 --jobs 2 --out benchmark_results/accuracy
+    python benchmarks/accuracy.py --seeds 1 --epochs 5 --settings clean flip-40 --variants none alr  # smoke test
+    python benchmarks/accuracy.py --report-only --out benchmark_results/accuracy  # tables from finished runs
+
+Runs already in ``<out>/runs.csv`` are skipped, so an interrupted benchmark resumes where it stopped.
+"""
+
+import argparse
+import csv
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from lightning_adalabel import PRESETS, AdaLabel
+from lightning_adalabel.demo import NUM_CLASSES, RunResult, format_table, run_digits, summarize, write_csv
+
+BASELINES = ("none", "label_smoothing", "ols", "alr")
+# The knobs of the ALR preset and the values the benchmark tries, one knob at a time.
+ALR_KNOBS: Dict[str, Tuple[object, ...]] = {
+    "samples": ("misclassified", "all", "correct"),
+    "estimator": ("mean", "geometric"),
+    "loss": ("decoupled", "mixed"),
+    "alpha": (0.1, 0.3, 0.5, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A training-label condition: ``noise`` fraction of labels corrupted by ``noise_type``."""
+
+    name: str
+    noise: float
+    noise_type: str = "flip"
+
+
+SETTINGS = {
+    setting.name: setting
+    for setting in (
+        Setting("clean", 0.0),
+        Setting("symmetric-20", 0.2, "symmetric"),
+        Setting("symmetric-40", 0.4, "symmetric"),
+        Setting("flip-20", 0.2, "flip"),
+        Setting("flip-40", 0.4, "flip"),
+    )
+}
+
+
+def method_grid() -> Dict[str, Dict[str, object]]:
+    """Method name -> ``AdaLabel`` keyword arguments: the presets, then one-knob ALR variants.
+
+    Example:
+        >>> grid = method_grid()
+        >>> grid["alr"], grid["alr[estimator=geometric]"]
+        ({'preset': 'alr'}, {'preset': 'alr', 'estimator': 'geometric'})
+        >>> len(grid)
+        11
+    """
+    grid: Dict[str, Dict[str, object]] = {name: {"preset": name} for name in BASELINES}
+    default = PRESETS["alr"]
+    for knob, values in ALR_KNOBS.items():
+        for value in values:
+            if value != getattr(default, knob):
+                grid[f"alr[{knob}={value}]"] = {"preset": "alr", knob: value}
+    return grid
+
+
+def run_one(job: Tuple[str, Dict[str, object], str, int, int]) -> Dict[str, object]:
+    """Train and evaluate one (method, setting, seed); runs in a worker process."""
+    import torch
+
+    method, kwargs, setting_name, seed, epochs = job
+    torch.set_num_threads(1)  # one core per worker: --jobs 2 on a 2-core machine uses both without contention
+    setting = SETTINGS[setting_name]
+    result, _ = run_digits(
+        method, seed, setting.noise, epochs, progress_bar=False, noise_type=setting.noise_type,
+        callback=AdaLabel(num_classes=NUM_CLASSES, **kwargs),  # type: ignore[arg-type]
+    )
+    return {"setting": setting_name, **asdict(result)}
+
+
+def read_done(path: str) -> List[Dict[str, object]]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def append_row(path: str, row: Dict[str, object]) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def to_result(row: Dict[str, object]) -> RunResult:
+    return RunResult(
+        str(row["method"]), int(row["seed"]), float(row["noise"]),  # type: ignore[arg-type]
+        *(float(row[field]) for field in ("accuracy", "nll", "ece", "seconds")),  # type: ignore[arg-type]
+    )
+
+
+def plot(summaries: Dict[str, List[Dict[str, object]]], path: str) -> None:
+    """Grouped bars: test accuracy (mean and standard error) of every method in every setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    settings = list(summaries)
+    methods = list(dict.fromkeys(row["method"] for rows in summaries.values() for row in rows))
+    figure = Figure(figsize=(max(8.0, 1.6 * len(settings) * max(1.0, len(methods) / 6)), 5.0))
+    axes = figure.add_subplot()
+    width = 0.8 / len(methods)
+    colors = matplotlib.colormaps["tab20"]
+    for index, method in enumerate(methods):
+        xs, ys, errors = [], [], []
+        for position, setting in enumerate(settings):
+            row = next((row for row in summaries[setting] if row["method"] == method), None)
+            if row is not None:
+                xs.append(position - 0.4 + (index + 0.5) * width)
+                ys.append(100 * float(row["accuracy"]))  # type: ignore[arg-type]
+                errors.append(100 * float(row["accuracy_se"]))  # type: ignore[arg-type]
+        axes.bar(xs, ys, width, yerr=errors, label=method, color=colors(index % 20), capsize=1.5)
+    low = min(100 * float(row["accuracy"]) for rows in summaries.values() for row in rows)  # type: ignore[arg-type]
+    axes.set_ylim(max(0.0, low - 5.0), 100.0)
+    axes.set_xticks(range(len(settings)), labels=settings)
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("Digits: test accuracy by training-label condition (mean ± s.e. over seeds)")
+    axes.legend(fontsize=7, ncol=2, loc="lower left")
+    axes.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    grid = method_grid()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per (method, setting) (default: 5)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--variants", nargs="+", default=list(grid), metavar="METHOD",
+                        help=f"methods to run (default: all): {', '.join(grid)}")
+    parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (default: 30)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one CPU thread each (default: 1)")
+    parser.add_argument("--out", default="benchmark_results/accuracy", help="folder for CSVs and the plot")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the runs already in <out>/runs.csv")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.variants if name not in grid]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(grid)}")
+    if min(args.seeds, args.epochs, args.jobs) < 1:
+        parser.error("--seeds, --epochs and --jobs must be at least 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    runs_path = os.path.join(args.out, "runs.csv")
+    grid = method_grid()
+    done = {(row["setting"], row["method"], int(row["seed"])) for row in read_done(runs_path)}  # type: ignore
+    # Method-major order: every setting of one method finishes before the next method starts, so a partial run
+    # already compares the first methods (the presets) everywhere.
+    jobs = [
+        (method, grid[method], setting, seed, args.epochs)
+        for method in args.variants for setting in args.settings for seed in range(args.seeds)
+        if (setting, method, seed) not in done
+    ]
+    if not args.report_only:
+        print(f"{len(jobs)} runs to do ({len(done)} already in {runs_path}), {args.jobs} process(es)", flush=True)
+    if jobs and not args.report_only:
+        with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+            for count, row in enumerate(pool.map(run_one, jobs), start=1):
+                append_row(runs_path, row)
+                print(f"[{count}/{len(jobs)}] {row['setting']:>13} {row['method']:<28} seed {row['seed']}"
+                      f" acc {100 * float(row['accuracy']):.2f}%  ({float(row['seconds']):.1f} s)", flush=True)
+
+    if args.report_only:  # also tabulate methods of earlier runs that the current grid no longer names
+        args.variants += [method for method in dict.fromkeys(row["method"] for row in read_done(runs_path))
+                          if method not in args.variants]
+    rows = [row for row in read_done(runs_path) if row["setting"] in args.settings and row["method"] in args.variants
+            and int(row["seed"]) < args.seeds]  # type: ignore[arg-type]
+    summaries: Dict[str, List[Dict[str, object]]] = {}
+    summary_rows = []
+    for setting in args.settings:
+        results = [to_result(row) for method in args.variants for row in rows
+                   if row["setting"] == setting and row["method"] == method]
+        if not results:
+            continue
+        summaries[setting] = summarize(results)
+        summary_rows += [{"setting": setting, **row} for row in summaries[setting]]
+        best = max(summaries[setting], key=lambda row: row["accuracy"])
+        setting_info = SETTINGS[setting]
+        noise = f"{setting_info.noise:.0%} {setting_info.noise_type} noise" if setting_info.noise else "clean labels"
+        seeds = sorted({row["seeds"] for row in summaries[setting]})
+        print(f"\n### {setting} ({noise}, {args.epochs} epochs, {'/'.join(map(str, seeds))} seeds;"
+              f" best accuracy: {best['method']})\n")
+        print(format_table(summaries[setting]))
+    if not summary_rows:
+        print("No finished runs to report.")
+        return 1
+    write_csv(os.path.join(args.out, "summary.csv"), summary_rows)
+    plot(summaries, os.path.join(args.out, "accuracy.png"))
+    print(f"\nResults: {runs_path}, {os.path.join(args.out, 'summary.csv')}, {os.path.join(args.out, 'accuracy.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Overhead benchmark: what ALR costs per training step, and what the vectorised update saves.
+
+Two measurements, in one process:
+
+1. **Training step.** A real Lightning loop on a small CNN, timed by a callback as the wall-clock between
+   consecutive ``on_train_batch_start`` calls (so everything between two batches counts: forward, loss,
+   backward, optimizer, every callback's ``on_train_batch_end``, logging). Three loops share the network, data
+   and optimizer: ``AdaLabel(preset="alr")``, ``AdaLabel(preset="none")`` through the same mixin, and a plain
+   LightningModule with ``F.cross_entropy`` and no callback. They run interleaved, several rounds each, and the
+   table reports the median step of each and its ratio to the plain module.
+2. **Micro-benchmark** of one batch (B=256) at K classes: ``LabelMatrix.update`` + ``decoupled_loss`` forward and
+   backward versus ``F.cross_entropy`` forward and backward, and the vectorised update versus the per-sample
+   Python loop that published Online Label Smoothing code uses.
+
+Usage::
+
+    python benchmarks/overhead.py                      # CPU, small CNN on 3x32x32 inputs, K=10
+    python benchmarks/overhead.py --device cuda        # same on a GPU
+    python benchmarks/overhead.py --device cuda --model resnet50 --precision bf16-mixed --num-classes 1000 \\
+        --batch-size 64 --image-size 224               # ResNet-50, ImageNet-sized (needs torchvision and a GPU)
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, decoupled_loss
+
+# ---- 1. the training step ------------------------------------------------------------------------------------
+
+
+def small_cnn(num_classes: int) -> nn.Module:
+    """A CIFAR-sized CNN (about 0.3 M parameters): three conv blocks and a linear head."""
+
+    def block(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+    return nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, num_classes))
+
+
+def build_network(name: str, num_classes: int) -> nn.Module:
+    if name == "small_cnn":
+        return small_cnn(num_classes)
+    if name == "resnet50":
+        import torchvision
+
+        return torchvision.models.resnet50(num_classes=num_classes)
+    raise ValueError(f"Unknown model {name!r}; choose 'small_cnn' or 'resnet50'.")
+
+
+class PlainClassifier(L.LightningModule):
+    """The baseline: ``F.cross_entropy``, no mixin, no callback."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)  # the mixin's default step logs the same
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class AdaLabelClassifier(AdaLabelMixin, PlainClassifier):
+    """The same module with the mixin: its default ``training_step`` calls ``self.adalabel_loss``."""
+
+    training_step = AdaLabelMixin.training_step
+
+
+class StepTimer(L.Callback):
+    """Records the wall-clock between consecutive ``on_train_batch_start`` calls (after ``warmup`` steps)."""
+
+    def __init__(self, warmup: int, synchronize: bool) -> None:
+        self.warmup = warmup
+        self.synchronize = synchronize
+        self.steps: List[float] = []
+        self._last: Optional[float] = None
+
+    def on_train_batch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self.synchronize:  # GPU kernels run asynchronously: wait so that a step's time is the step's own
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._last is not None and batch_idx > self.warmup:
+            self.steps.append(now - self._last)
+        self._last = now
+
+
+def time_training_loop(variant: str, args: argparse.Namespace, loader: DataLoader) -> List[float]:
+    """Step times (seconds) of ``args.steps`` measured steps of one loop variant."""
+    torch.manual_seed(0)
+    network = build_network(args.model, args.num_classes)
+    timer = StepTimer(args.warmup, synchronize=args.device == "cuda")
+    callbacks: List[L.Callback] = [timer]
+    if variant == "plain F.cross_entropy":
+        model: L.LightningModule = PlainClassifier(network)
+    else:
+        model = AdaLabelClassifier(network)
+        callbacks.insert(0, AdaLabel(preset=variant.split("=")[1], num_classes=args.num_classes))
+    trainer = L.Trainer(
+        accelerator=args.device, devices=1, precision=args.precision, max_steps=args.warmup + args.steps + 1,
+        callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader)
+    return timer.steps
+
+
+def benchmark_training_step(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    size = args.warmup + args.steps + 2
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(size * args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+    y = torch.randint(0, args.num_classes, (size * args.batch_size,), generator=generator)
+    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=False)
+    variants = ["plain F.cross_entropy", "AdaLabel preset=none", "AdaLabel preset=alr"]
+    times: Dict[str, List[float]] = {variant: [] for variant in variants}
+    for round_index in range(args.rounds):  # interleaved, so that drift in machine load hits every variant alike
+        for variant in variants:
+            times[variant] += time_training_loop(variant, args, loader)
+        print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
+            f"{variant} {1e3 * statistics.median(values):.2f} ms" for variant, values in times.items()), flush=True)
+    baseline = statistics.median(times[variants[0]])
+    rows = []
+    for variant in variants:
+        median = statistics.median(times[variant])
+        q1, _, q3 = statistics.quantiles(times[variant], n=4)
+        rows.append({"loop": variant, "steps": len(times[variant]), "median_ms": 1e3 * median,
+                     "iqr_ms": 1e3 * (q3 - q1), "ratio": median / baseline})
+    return rows
+
+
+# ---- 2. the micro-benchmark ----------------------------------------------------------------------------------
+
+
+def python_loop_update(sums: Tensor, counts: Tensor, logits: Tensor, target: Tensor) -> None:
+    """The per-sample loop of published Online Label Smoothing code (one Python branch and two small ops per
+    sample; on a GPU every ``if`` is a device-to-host sync)."""
+    probs = logits.softmax(dim=1)
+    pred = probs.argmax(dim=1)
+    for i in range(logits.shape[0]):
+        if pred[i] == target[i]:
+            sums[target[i]] += probs[i]
+            counts[target[i]] += 1
+
+
+def time_call(fn: Callable[[], None], device: str, repeats: int) -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls, after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def benchmark_update_and_loss(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    rows = []
+    batch = 256
+    for num_classes in args.micro_classes:
+        generator = torch.Generator().manual_seed(0)
+        target = torch.randint(0, num_classes, (batch,), generator=generator)
+        # A mid-training batch: about 70% of the samples predicted right (a margin on their target logit), so the
+        # per-sample loop does the work it does in training instead of skipping almost every sample.
+        margin = 10.0 * (torch.rand(batch, generator=generator) < 0.7)
+        logits = torch.randn(batch, num_classes, generator=generator)
+        logits[torch.arange(batch), target] += margin
+        logits, target = logits.to(args.device).requires_grad_(), target.to(args.device)
+        label_matrix = LabelMatrix(num_classes, samples="misclassified", device=args.device)
+        # The loop's statistics (full softmax of the correctly predicted samples) done the vectorised way.
+        same_statistics = LabelMatrix(num_classes, samples="correct", include_diagonal=True, device=args.device)
+        sums = torch.zeros(num_classes, num_classes, device=args.device)
+        counts = torch.zeros(num_classes, device=args.device)
+        # Fewer repeats for the slow cases keep the whole micro-benchmark to seconds.
+        repeats = args.repeats if num_classes <= 1000 else max(5, args.repeats // 10)
+
+        def cross_entropy() -> None:
+            F.cross_entropy(logits, target).backward()
+            logits.grad = None
+
+        def alr() -> None:
+            label_matrix.update(logits.detach(), target)
+            decoupled_loss(logits, target, label_matrix.matrix, 0.5).backward()
+            logits.grad = None
+
+        row: Dict[str, Any] = {
+            "K": num_classes,
+            "ce_ms": 1e3 * time_call(cross_entropy, args.device, repeats),
+            "alr_ms": 1e3 * time_call(alr, args.device, repeats),
+            "update_ms": 1e3 * time_call(lambda: same_statistics.update(logits.detach(), target), args.device,
+                                         repeats),
+            "loop_ms": 1e3 * time_call(lambda: python_loop_update(sums, counts, logits.detach(), target),
+                                       args.device, max(3, repeats // 10)),
+        }
+        row["alr_over_ce"] = row["alr_ms"] / row["ce_ms"]
+        row["loop_over_update"] = row["loop_ms"] / row["update_ms"]
+        rows.append(row)
+        print(f"K={num_classes}: {row}", flush=True)
+    return rows
+
+
+# ---- tables and entry point ----------------------------------------------------------------------------------
+
+
+def training_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Markdown table of :func:`benchmark_training_step`'s rows.
+
+    Example:
+        >>> print(training_table([{"loop": "plain", "steps": 10, "median_ms": 2.0, "iqr_ms": 0.1, "ratio": 1.0}]))
+        | training loop | steps timed | median step (ms) | IQR (ms) | ratio to plain CE |
+        |---|---|---|---|---|
+        | plain | 10 | 2.000 | 0.100 | 1.000 |
+    """
+    lines = ["| training loop | steps timed | median step (ms) | IQR (ms) | ratio to plain CE |", "|---|---|---|---|---|"]
+    lines += [f"| {r['loop']} | {r['steps']} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {r['ratio']:.3f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def micro_table(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = [
+        "| K | F.cross_entropy fwd+bwd (ms) | ALR update + decoupled loss fwd+bwd (ms) | ratio |"
+        " LabelMatrix.update (ms) | per-sample Python loop (ms) | loop / update |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['K']} | {r['ce_ms']:.3f} | {r['alr_ms']:.3f} | {r['alr_over_ce']:.2f} | {r['update_ms']:.3f}"
+        f" | {r['loop_ms']:.2f} | {r['loop_over_update']:.0f}x |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="small_cnn", choices=["small_cnn", "resnet50"])
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per loop and round")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each loop")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the three loops")
+    parser.add_argument("--micro-classes", type=int, nargs="*", default=[10, 100, 1000, 10000])
+    parser.add_argument("--repeats", type=int, default=100, help="calls per micro-benchmark case")
+    parser.add_argument("--skip-training", action="store_true", help="only the micro-benchmark")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 avoids thread-pool stalls on a busy machine")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    environment = (f"torch {torch.__version__}, lightning {L.__version__}, device {args.device}"
+                   f" ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})")
+    micro = benchmark_update_and_loss(args) if args.micro_classes else []
+    training = [] if args.skip_training else benchmark_training_step(args)
+    print(f"\n{environment}")
+    if training:
+        print(f"\nTraining step: {args.model}, {args.image_size}x{args.image_size} inputs, batch {args.batch_size},"
+              f" K={args.num_classes}, precision {args.precision}, {args.rounds} rounds x {args.steps} steps:\n")
+        print(training_table(training))
+    if micro:
+        print("\nOne batch, B=256 (median of repeated calls):\n")
+        print(micro_table(micro))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
