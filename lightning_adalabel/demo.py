@@ -56,7 +56,8 @@ def load_digits_split(
         from sklearn.datasets import load_digits
     except ImportError as error:
         raise ImportError(
-            "The demo trains on scikit-learn's digits: install it with `pip install 'lightning-adalabel[demo]'`."
+            "The demo trains on scikit-learn's digits: install the demo extra (`pip install '.[demo]'` in a clone of"
+            " lightning_adalabel) or `pip install scikit-learn matplotlib`."
         ) from error
     if not 0.0 <= noise < 1.0:
         raise ValueError(f"`noise` is the fraction of training labels to flip and must be in [0, 1), got {noise}.")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_adalabel import AdaLabel, AdaLabelMixin, initial_label_matrix
+from lightning_adalabel import AdaLabel, initial_label_matrix
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
 

@@ -2,6 +2,7 @@
 
 from typing import Callable, List, Optional, Tuple
 
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -26,6 +27,41 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,  # PyTorch refuses it without workers
     )
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """A data module whose ``setup`` fills ``train_set``, ``val_set`` and (optionally) ``test_set``; every loader is
+    :func:`make_loader` with the subclass's ``batch_size``, ``num_workers``, ``pin_memory`` and ``persistent_workers``.
+
+    Without a ``test_set`` the validation split doubles as the test and predict split.
+    """
+
+    batch_size: int
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+    collate_fn: Optional[Callable] = None
+    train_set: Optional[Dataset] = None
+    val_set: Optional[Dataset] = None
+    test_set: Optional[Dataset] = None
+
+    def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+        return make_loader(
+            dataset, self.batch_size, self.num_workers, train, self.pin_memory, self.persistent_workers,  # type: ignore
+            self.collate_fn,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set if self.test_set is not None else self.val_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
 
 
 def split_indices(size: int, val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:

@@ -19,10 +19,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from lightning_adalabel.recipes.classification import ClassificationModule
-from lightning_adalabel.recipes.data import make_loader, split_indices
+from lightning_adalabel.recipes.data import SplitDataModule, split_indices
 
 WORD_PATTERN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # fastText's multiplier for combining word hashes into n-gram hashes.
@@ -126,7 +126,7 @@ def collate_bags(samples: Sequence[Tuple[Tensor, int]]) -> Tuple[Bag, Tensor]:
     return (torch.cat(ids), offsets), labels
 
 
-class TextClassificationDataModule(pl.LightningDataModule):
+class TextClassificationDataModule(SplitDataModule):
     """A CSV text-classification data set (``root/train.csv``, ``root/test.csv``) with hashed n-gram inputs.
 
     Args:
@@ -143,6 +143,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         pin_memory: page-locked host batches.
         persistent_workers: keep loader workers alive between epochs.
     """
+
+    collate_fn = staticmethod(collate_bags)  # variable-length texts: ids and offsets for nn.EmbeddingBag
 
     def __init__(
         self,
@@ -191,22 +193,6 @@ class TextClassificationDataModule(pl.LightningDataModule):
             if self.val_set is None:
                 self.val_set = self.test_set
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return make_loader(
-            dataset, self.batch_size, self.num_workers, train, self.pin_memory, self.persistent_workers, collate_bags
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
 
 
 class FastTextClassifier(ClassificationModule):

@@ -8,13 +8,12 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Tuple, Type
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from lightning_adalabel.recipes.data import make_loader, split_indices
+from lightning_adalabel.recipes.data import SplitDataModule, split_indices
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -46,7 +45,7 @@ class _UncheckedCIFAR100(datasets.CIFAR100):
     meta = {**datasets.CIFAR100.meta, "md5": None}
 
 
-class CIFAR10DataModule(pl.LightningDataModule):
+class CIFAR10DataModule(SplitDataModule):
     """CIFAR-10 through ``torchvision.datasets.CIFAR10``: random crop (pad 4) + horizontal flip for training.
 
     Args:
@@ -151,20 +150,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 f" {dataset_class.base_folder}/."
             )
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return make_loader(dataset, self.batch_size, self.num_workers, train, self.pin_memory, self.persistent_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
@@ -182,7 +167,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
 # ---- ImageNet ------------------------------------------------------------------------------------------------
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(SplitDataModule):
     """ImageNet (or any image-classification folder tree) through ``torchvision.datasets.ImageFolder``.
 
     Both roots hold one sub-folder per class with the same names (``train/n01440764/*.JPEG``,
@@ -267,17 +252,3 @@ class ImageNetDataModule(pl.LightningDataModule):
             )
         return datasets.ImageFolder(root, transform=transform)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return make_loader(dataset, self.batch_size, self.num_workers, train, self.pin_memory, self.persistent_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
