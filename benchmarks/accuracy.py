@@ -33,6 +33,9 @@ ALR_KNOBS: Dict[str, Tuple[object, ...]] = {
     "loss": ("decoupled", "mixed"),
     "alpha": (0.1, 0.3, 0.5, 1.0),
 }
+# Knob values that only make sense with another knob moved too: the 'mixed' loss with the default alpha of 1.0
+# would give the true class no target mass (AdaLabel refuses it), so it is tried at alpha 0.5.
+KNOB_COMPANIONS: Dict[Tuple[str, object], Dict[str, object]] = {("loss", "mixed"): {"alpha": 0.5}}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,9 @@ def method_grid() -> Dict[str, Dict[str, object]]:
     for knob, values in ALR_KNOBS.items():
         for value in values:
             if value != getattr(default, knob):
-                grid[f"alr[{knob}={value}]"] = {"preset": "alr", knob: value}
+                changes = {knob: value, **KNOB_COMPANIONS.get((knob, value), {})}
+                grid["alr[" + ",".join(f"{name}={setting}" for name, setting in changes.items()) + "]"] = {
+                    "preset": "alr", **changes}
     return grid
 
 

@@ -37,6 +37,12 @@ class Preset:
             raise ValueError(
                 f"`alpha` must be in [0, 1] for the 'mixed' loss (it is the soft part of the target), got {self.alpha}."
             )
+        if self.loss == "mixed" and not self.include_diagonal and self.alpha >= 1:
+            raise ValueError(
+                f"The 'mixed' loss with a residual matrix (zero diagonal) and alpha={self.alpha} gives the true class"
+                " no target mass, so the model learns to predict wrong classes. Use alpha < 1 (0.5 or less is"
+                " typical), or the 'decoupled' loss, which keeps the hard label whatever alpha is."
+            )
         if self.loss == "decoupled" and self.include_diagonal:
             raise ValueError(
                 "The 'decoupled' loss needs a residual matrix (zero diagonal): set include_diagonal=False, or use"

@@ -198,6 +198,7 @@ def test_two_callbacks_are_a_clear_error():
         ({"momentum": 0}, ValueError, r"`momentum` must be a number in \(0, 1\]"),
         ({"loss": "hinge"}, ValueError, "`loss` must be one of"),
         ({"include_diagonal": True}, ValueError, "'decoupled' loss needs a residual matrix"),
+        ({"loss": "mixed"}, ValueError, r"alpha=1.0 gives the true class no target mass"),
         ({"num_classes": 1}, ValueError, "`num_classes` must be an integer >= 2"),
         ({"refresh_every_n_steps": 0}, ValueError, "`refresh_every_n_steps` must be a positive integer"),
     ],
