@@ -166,8 +166,10 @@ def test_invalid_matrices_are_rejected_with_the_fix(matrix, message):
 
 
 def test_full_softmax_matrix_is_accepted_with_include_diagonal():
-    validate_label_matrix(torch.full((3, 3), 1 / 3), include_diagonal=True)
-    AdaLabel(preset="fixed", initial_matrix=torch.full((3, 3), 1 / 3), include_diagonal=True, loss="mixed")
+    uniform = torch.full((3, 3), 1 / 3)
+    validate_label_matrix(uniform, include_diagonal=True)
+    callback = AdaLabel(preset="fixed", initial_matrix=uniform, include_diagonal=True, loss="mixed")
+    assert torch.equal(callback.initial_matrix, uniform) and callback.num_classes == 3
 
 
 # ---- a loaded matrix as fixed soft labels ----------------------------------------------------------------------

@@ -172,9 +172,6 @@ class TextClassificationDataModule(SplitDataModule):
         self.seed = seed
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
 
     def _read(self, split: str) -> HashedTextDataset:
         texts, labels = read_labeled_csv(os.path.join(self.root, f"{split}.csv"), self.num_classes)
@@ -192,7 +189,6 @@ class TextClassificationDataModule(SplitDataModule):
             self.test_set = self._read("test")
             if self.val_set is None:
                 self.val_set = self.test_set
-
 
 
 class FastTextClassifier(ClassificationModule):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple, Type
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -91,9 +91,6 @@ class CIFAR10DataModule(SplitDataModule):
         self.seed = seed
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
-        self.train_set: Optional[Dataset] = None
-        self.val_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
 
     def train_transform(self) -> Callable:
         return v2.Compose([
@@ -149,7 +146,6 @@ class CIFAR10DataModule(SplitDataModule):
                 f" --data.root {self.root!r}, or point `--data.root` at the folder that holds"
                 f" {dataset_class.base_folder}/."
             )
-
 
 
 class CIFAR100DataModule(CIFAR10DataModule):
@@ -210,8 +206,6 @@ class ImageNetDataModule(SplitDataModule):
         self.val_crop_size = val_crop_size
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
-        self.train_set: Optional[datasets.ImageFolder] = None
-        self.val_set: Optional[datasets.ImageFolder] = None
 
     @property
     def num_classes(self) -> Optional[int]:
