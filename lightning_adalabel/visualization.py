@@ -5,6 +5,14 @@ from typing import Any, List, Optional, Sequence, Tuple
 from torch import Tensor
 
 
+def _class_labels(class_names: Optional[Sequence[str]], num_classes: int) -> List[str]:
+    """Tick and pair labels: the given class names as strings, or the class indices."""
+    names = [str(name) for name in class_names] if class_names is not None else [str(k) for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"Got {len(names)} class names for a {num_classes} x {num_classes} matrix.")
+    return names
+
+
 def plot_label_matrix(
     matrix: Tensor,
     class_names: Optional[Sequence[str]] = None,
@@ -32,9 +40,7 @@ def plot_label_matrix(
 
     values = matrix.detach().float().cpu().numpy()
     num_classes = values.shape[0]
-    names = [str(name) for name in class_names] if class_names is not None else [str(k) for k in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"Got {len(names)} class names for a {num_classes} x {num_classes} matrix.")
+    names = _class_labels(class_names, num_classes)
     size = min(4.0 + 0.45 * num_classes, 24.0)
     figure = Figure(figsize=(size + 1.5, size))
     axes = figure.add_subplot()
@@ -76,9 +82,7 @@ def top_correlated_pairs(
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"`n` must be a non-negative integer, got {n!r}.")
     num_classes = matrix.shape[0]
-    names = [str(name) for name in class_names] if class_names is not None else [str(k) for k in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"Got {len(names)} class names for a {num_classes} x {num_classes} matrix.")
+    names = _class_labels(class_names, num_classes)
     values = matrix.detach().float().cpu().clone().fill_diagonal_(float("-inf")).flatten()
     top = values.topk(min(n, num_classes * (num_classes - 1)))
     return [
