@@ -179,6 +179,12 @@ class AdaLabel(pl.Callback):
         self._pending = []
         self._values_checked = False
 
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # A restored label matrix arrives on the CPU; it must be on the module's device before a refresh can
+        # all-reduce it (NCCL refuses CPU tensors), which may happen before the first loss moves it.
+        if self.label_matrix is not None:
+            self.label_matrix.to(pl_module.device)
+
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:

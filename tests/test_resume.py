@@ -178,3 +178,16 @@ def test_resume_with_a_model_of_different_num_classes_is_a_clear_error(alr_check
 def test_resume_with_a_different_preset_is_a_clear_error(settings, alr_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="written by preset 'alr'.*Resume with the same AdaLabel settings"):
         fit(tmp_path, ckpt_path=alr_checkpoint, **settings)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_checkpoint_restored_on_cuda_refreshes_on_the_module_device(tmp_path):
+    """Checkpoints load on the CPU; the restored matrix must reach the GPU before the resumed epoch-end refresh,
+    which here runs in on_train_batch_start, before any loss could move it."""
+    fit(tmp_path, save_every=4, crash_at=10)  # last.ckpt at step 8: epoch 0's refresh is still pending
+    adalabel = AdaLabel()
+    trainer = L.Trainer(**trainer_kwargs(accelerator="gpu", deterministic=False, max_epochs=MAX_EPOCHS,
+                                         callbacks=[adalabel]))
+    trainer.fit(MomentumClassifier(), ResumableLoader(), ckpt_path=tmp_path / "last.ckpt")
+    assert adalabel.label_matrix.matrix.device.type == "cuda"
+    assert adalabel.label_matrix.accumulator.device.type == "cuda"
