@@ -9,7 +9,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_adalabel.label_matrix import LabelMatrix, check_batch_values, validate_label_matrix
+from lightning_adalabel.label_matrix import (
+    LabelMatrix,
+    check_batch_values,
+    statistic_totals,
+    validate_label_matrix,
+)
 from lightning_adalabel.label_matrix_logging import log_label_matrix
 from lightning_adalabel.losses import adalabel_loss
 from lightning_adalabel.presets import Preset, resolve_preset
@@ -223,7 +228,7 @@ class AdaLabel(pl.Callback):
         if self.label_matrix is None:
             return
         stats = self.label_matrix.refresh(reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
-        counted, seen, nonfinite = stats[:, -3:].sum(dim=0)
+        counted, seen, nonfinite = statistic_totals(stats)
         pl_module.log_dict(
             {
                 "adalabel/entropy": torch.special.entr(self.label_matrix.matrix).sum(dim=1).mean(),

@@ -207,6 +207,18 @@ def accumulate(
     accumulator.index_add_(0, target, torch.cat([stats, columns], dim=1))
 
 
+def statistic_totals(stats: Tensor) -> Tensor:
+    """``(counted, seen, nonfinite)`` sample totals over all classes of an accumulator (e.g. what refresh returns).
+
+    Example:
+        >>> matrix = LabelMatrix(3, samples="misclassified")
+        >>> matrix.update(torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]]), torch.tensor([0, 1]))
+        >>> statistic_totals(matrix.accumulator)
+        tensor([1., 2., 0.])
+    """
+    return stats[:, _COUNT:].sum(dim=0)
+
+
 def refreshed_rows(sums: Tensor, counts: Tensor, estimator: str, include_diagonal: bool) -> Tensor:
     """The estimator's target row for every class (rows with ``counts == 0`` are meaningless).
 

@@ -36,14 +36,17 @@ class SplitDataModule(pl.LightningDataModule):
     Without a ``test_set`` the validation split doubles as the test and predict split.
     """
 
-    batch_size: int
-    num_workers: int
-    pin_memory: bool
-    persistent_workers: bool
     collate_fn: Optional[Callable] = None
     train_set: Optional[Dataset] = None
     val_set: Optional[Dataset] = None
     test_set: Optional[Dataset] = None
+
+    def __init__(self, batch_size: int, num_workers: int, pin_memory: bool, persistent_workers: bool) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
 
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         return make_loader(

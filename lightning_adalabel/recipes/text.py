@@ -160,18 +160,14 @@ class TextClassificationDataModule(SplitDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers)
         self.save_hyperparameters()
         self.root = root
         self.num_classes = num_classes
         self.num_buckets = num_buckets
         self.tokenizer = HashingTokenizer(num_buckets, ngrams, max_words)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
 
     def _read(self, split: str) -> HashedTextDataset:
         texts, labels = read_labeled_csv(os.path.join(self.root, f"{split}.csv"), self.num_classes)

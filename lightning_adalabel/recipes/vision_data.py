@@ -80,17 +80,13 @@ class CIFAR10DataModule(SplitDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers)
         self.save_hyperparameters()
         self.root = root
         self.download = download
         self.check_integrity = check_integrity
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.val_fraction = val_fraction
         self.seed = seed
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
 
     def train_transform(self) -> Callable:
         return v2.Compose([
@@ -195,17 +191,13 @@ class ImageNetDataModule(SplitDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers)
         self.save_hyperparameters()
         self.train_root = train_root
         self.val_root = val_root
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.train_crop_size = train_crop_size
         self.val_resize_size = val_resize_size
         self.val_crop_size = val_crop_size
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
 
     @property
     def num_classes(self) -> Optional[int]:
