@@ -6,8 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_adalabel import initial_label_matrix
-
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -54,8 +52,9 @@ def test_readme_usage_example_trains_and_refreshes_the_label_matrix(tmp_path, mo
     assert adalabel in trainer.callbacks
     matrix = adalabel.label_matrix.matrix.cpu()
     num_classes = matrix.shape[0]
-    # Refreshed: no longer the uniform start, and still a residual label matrix.
-    assert not torch.allclose(matrix, initial_label_matrix(num_classes))
+    # Refreshed: no longer the uniform start 1/(K-1) off the diagonal, and still a residual label matrix.
+    uniform = (torch.ones(num_classes, num_classes) - torch.eye(num_classes)) / (num_classes - 1)
+    assert not torch.allclose(matrix, uniform)
     assert torch.isfinite(matrix).all() and (matrix >= 0).all()
     assert torch.allclose(matrix.sum(dim=1), torch.ones(num_classes))
     assert torch.count_nonzero(matrix.diagonal()) == 0
