@@ -1,7 +1,7 @@
 """Adaptive Label Regularization (ALR, arXiv:1908.05474) for PyTorch Lightning classifiers."""
 
 from lightning_adalabel.callback import AdaLabel
-from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix, validate_label_matrix
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from lightning_adalabel.label_matrix_io import load_label_matrix, save_label_matrix
 from lightning_adalabel.losses import (
     adalabel_loss,
@@ -12,6 +12,7 @@ from lightning_adalabel.losses import (
 )
 from lightning_adalabel.module import AdaLabelMixin
 from lightning_adalabel.presets import PRESETS, Preset, resolve_preset
+from lightning_adalabel.validation import validate_label_matrix
 from lightning_adalabel.visualization import plot_label_matrix, top_correlated_pairs
 
 __version__ = "0.1.0"

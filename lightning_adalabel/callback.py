@@ -1,27 +1,38 @@
 """``AdaLabel``: the Lightning callback that owns the label matrix and decides when it is refreshed."""
 
 import os
-import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+import tempfile
+import uuid
+from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_adalabel.label_matrix import (
-    LabelMatrix,
-    check_batch_values,
-    statistic_totals,
-    validate_label_matrix,
+from lightning_adalabel.inputs import (
+    ClassificationBatch,
+    _arg_validation,
+    _format,
+    _tensor_validation,
+    check_values,
+    invalid_targets_message,
 )
+from lightning_adalabel.label_matrix import LabelMatrix, statistic_totals
 from lightning_adalabel.label_matrix_logging import log_label_matrix
-from lightning_adalabel.losses import adalabel_loss
+from lightning_adalabel.losses import _reduced_loss
+from lightning_adalabel.module import AdaLabelMixin
 from lightning_adalabel.presets import Preset, resolve_preset
+from lightning_adalabel.validation import check_bool, check_choice, check_class_names, check_int, validate_label_matrix
 
-# The refresh scalars are computed from all-reduced statistics and are identical on every rank: syncing them again
-# would only add collectives, so Lightning's advice to log them with sync_dist=True does not apply to them.
-warnings.filterwarnings("ignore", message=r".*self\.log\('adalabel/.*sync_dist=True", category=UserWarning)
+PresetName = Literal["alr", "ols", "label_smoothing", "fixed", "none"]
+SamplePolicy = Literal["misclassified", "all", "correct", "none"]
+Estimator = Literal["mean", "geometric"]
+LossMode = Literal["decoupled", "mixed", "ce"]
+
+# Version of AdaLabel.state_dict's layout. 1: lightning_adalabel 0.1.0 (no "version" key).
+STATE_VERSION = 2
 
 
 class AdaLabel(pl.Callback):
@@ -34,8 +45,8 @@ class AdaLabel(pl.Callback):
     ``self.adalabel_loss(logits, y)``, whose soft part comes from ``Q[y]``.
 
     Args:
-        preset: ``"alr"`` (default), ``"ols"`` (Online Label Smoothing), ``"label_smoothing"`` or ``"none"``
-            (plain cross-entropy); see :data:`~lightning_adalabel.PRESETS`. The arguments below override it.
+        preset: ``"alr"`` (default), ``"ols"`` (Online Label Smoothing), ``"label_smoothing"``, ``"fixed"`` or
+            ``"none"`` (plain cross-entropy); see :data:`~lightning_adalabel.PRESETS`. The arguments below override it.
         num_classes: K; inferred from the first batch's logits when ``None``.
         alpha: weight of the soft part of the loss.
         samples: which samples feed the statistics: ``"misclassified"``, ``"all"``, ``"correct"`` or ``"none"``.
@@ -44,6 +55,8 @@ class AdaLabel(pl.Callback):
         loss: ``"decoupled"`` (CE + alpha x residual CE), ``"mixed"`` (soft-target CE) or ``"ce"``.
         include_diagonal: keep the true class in the statistics (full softmax) instead of the residual.
         refresh_every_n_steps: refresh every N optimizer steps instead of at each training epoch's end.
+        ignore_index: class-index targets equal to it enter neither the loss nor the statistics (torch's default
+            -100, the padding label of Hugging Face tokenizers).
         initial_matrix: start Q from this K x K matrix (a tensor, or a ``.pt``/``.csv`` path written by
             :func:`~lightning_adalabel.save_label_matrix`) instead of the uniform one. With ``preset="fixed"``
             (or ``samples="none"``) Q stays that matrix for the whole run: a learned Q reused as fixed soft labels.
@@ -55,37 +68,35 @@ class AdaLabel(pl.Callback):
     Example::
 
         model = MyClassifier()  # class MyClassifier(AdaLabelMixin, LightningModule)
-        trainer = Trainer(callbacks=[AdaLabel()])
-        trainer.fit(model, datamodule)
+        trainer = Trainer(max_epochs=10, callbacks=[AdaLabel()])
+        trainer.fit(model, train_dataloaders=train_loader)
     """
 
     def __init__(
         self,
-        preset: str = "alr",
+        preset: PresetName = "alr",
         num_classes: Optional[int] = None,
         alpha: Optional[float] = None,
-        samples: Optional[str] = None,
-        estimator: Optional[str] = None,
+        samples: Optional[SamplePolicy] = None,
+        estimator: Optional[Estimator] = None,
         momentum: Optional[float] = None,
-        loss: Optional[str] = None,
+        loss: Optional[LossMode] = None,
         include_diagonal: Optional[bool] = None,
         refresh_every_n_steps: Optional[int] = None,
+        ignore_index: int = -100,
         initial_matrix: Union[Tensor, str, "os.PathLike[str]", None] = None,
         log_label_matrix: bool = False,
         class_names: Optional[Sequence[str]] = None,
         top_pairs: int = 10,
     ) -> None:
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 2):
-            raise ValueError(f"`num_classes` must be an integer >= 2 or None (inferred), got {num_classes!r}.")
-        if refresh_every_n_steps is not None and (
-            isinstance(refresh_every_n_steps, bool) or not isinstance(refresh_every_n_steps, int)
-            or refresh_every_n_steps < 1
-        ):
-            raise ValueError(
-                f"`refresh_every_n_steps` must be a positive integer, or None to refresh at each epoch's end, got"
-                f" {refresh_every_n_steps!r}."
-            )
+        check_choice("preset", preset, PresetName.__args__)  # type: ignore[attr-defined]
+        check_int("num_classes", num_classes, minimum=2, allow_none=True, hint=" (None: inferred from the logits)")
+        check_int("refresh_every_n_steps", refresh_every_n_steps, minimum=1, allow_none=True,
+                  hint=" (None: refresh at each training epoch's end)")
+        check_bool("include_diagonal", include_diagonal, allow_none=True)
+        check_bool("log_label_matrix", log_label_matrix)
+        check_int("top_pairs", top_pairs, minimum=0)
+        _arg_validation(ignore_index, "mean")
         self.preset_name = preset
         self.preset: Preset = resolve_preset(
             preset, alpha=alpha, samples=samples, estimator=estimator, momentum=momentum, loss=loss,
@@ -93,18 +104,18 @@ class AdaLabel(pl.Callback):
         )
         self.num_classes = num_classes
         self.refresh_every_n_steps = refresh_every_n_steps
-        self.label_matrix: Optional[LabelMatrix] = None
-        self._last_refresh_step = 0
-        # The epoch whose statistics wait for its end-of-epoch refresh (None: nothing waits).
-        self._statistics_epoch: Optional[int] = None
-        self._pending: List[Tuple[Tensor, Tensor]] = []
-        self._values_checked = False
+        self.ignore_index = ignore_index
         self.initial_matrix = self._initial_matrix(initial_matrix)
         self.log_label_matrix = log_label_matrix
-        self.class_names = self._class_names(class_names)
-        if isinstance(top_pairs, bool) or not isinstance(top_pairs, int) or top_pairs < 0:
-            raise ValueError(f"`top_pairs` must be a non-negative integer, got {top_pairs!r}.")
+        self.class_names = None if class_names is None else [str(name) for name in class_names]
+        check_class_names(self.class_names, self.num_classes)
         self.top_pairs = top_pairs
+        self._label_matrix: Optional[LabelMatrix] = None
+        self._start_fit()
+        # ddp_spawn / ddp_notebook train in child processes: rank 0 leaves its state in this file for the callback
+        # in the launching process (see `label_matrix`).
+        self._owner_pid = os.getpid()
+        self._spawned_state_path = os.path.join(tempfile.gettempdir(), f"lightning_adalabel-{uuid.uuid4().hex}.pt")
 
     def _initial_matrix(self, initial_matrix: Union[Tensor, str, "os.PathLike[str]", None]) -> Optional[Tensor]:
         if initial_matrix is None:
@@ -121,32 +132,54 @@ class AdaLabel(pl.Callback):
         self.num_classes = matrix.shape[0]
         return matrix.detach().to("cpu", torch.float32).clone()
 
-    def _class_names(self, class_names: Optional[Sequence[str]]) -> Optional[List[str]]:
-        if class_names is None:
-            return None
-        names = [str(name) for name in class_names]
-        if self.num_classes is not None and len(names) != self.num_classes:
-            raise ValueError(f"Got {len(names)} `class_names` for {self.num_classes} classes; give one per class.")
-        return names
+    def _start_fit(self) -> None:
+        """Per-fit state: every fit starts with empty statistics and its own refresh schedule (a checkpoint that is
+        resumed from restores them after this, in ``load_state_dict``)."""
+        self._pending: List[ClassificationBatch] = []
+        self._first_batch_checked = False
+        self._loss_seen_in_training = False
+        self._last_refresh_step = 0
+        # The epoch whose statistics wait for its end-of-epoch refresh (None: nothing waits).
+        self._statistics_epoch: Optional[int] = None
+        if self._label_matrix is not None:
+            self._label_matrix.reset_statistics()
+
+    @property
+    def label_matrix(self) -> Optional[LabelMatrix]:
+        """The engine: ``label_matrix.matrix`` is Q. ``None`` until the first batch (or checkpoint) sets K."""
+        self._collect_spawned_state()
+        return self._label_matrix
+
+    @label_matrix.setter
+    def label_matrix(self, value: Optional[LabelMatrix]) -> None:
+        self._label_matrix = value
 
     # ---- the loss side, called by AdaLabelMixin.adalabel_loss -------------------------------------------------
 
-    def loss(self, pl_module: "pl.LightningModule", logits: Tensor, target: Tensor) -> Tensor:
-        """The configured loss for a batch; during training, the batch is also kept for the statistics."""
-        label_matrix = self._label_matrix_for(logits)
-        if not self._values_checked:
-            check_batch_values(logits.detach(), target, label_matrix.num_classes)
-            self._values_checked = True
-        if pl_module.training and torch.is_grad_enabled():
-            self._pending.append((logits.detach(), target.detach()))
-        return adalabel_loss(logits, target, label_matrix.matrix, self.preset.loss, self.preset.alpha)
+    def loss(self, pl_module: "pl.LightningModule", logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """The configured loss for a batch; during training, the batch is also queued for the statistics."""
+        _arg_validation(self.ignore_index, reduction)
+        label_matrix = self._label_matrix_for(logits, target)
+        training = pl_module.training and torch.is_grad_enabled()
+        if training and not self._first_batch_checked:
+            check_values(logits, target, self.ignore_index)  # reads values: once per fit, on the first training batch
+            self._first_batch_checked = True
+        batch = _format(logits, target, self.ignore_index)
+        if training:
+            # Only queued: on_train_batch_end adds it to the statistics. That keeps the loss a pure function (no
+            # in-place update inside a user's compiled or autocast region), and counts a batch only once its
+            # training step has completed.
+            self._pending.append(batch._replace(logits=batch.logits.detach(), target=batch.target.detach()))
+        return _reduced_loss(logits, target, batch, label_matrix.matrix, self.preset.loss, self.preset.alpha,
+                             self.ignore_index, reduction)
 
-    def _label_matrix_for(self, logits: Tensor) -> LabelMatrix:
-        num_classes = logits.shape[-1] if logits.ndim else 0
-        if self.label_matrix is None:
-            if self.num_classes is not None and num_classes != self.num_classes:
-                raise ValueError(self._num_classes_mismatch(num_classes, self.num_classes))
-            self.label_matrix = LabelMatrix(
+    def _label_matrix_for(self, logits: Tensor, target: Tensor) -> LabelMatrix:
+        known = self._label_matrix.num_classes if self._label_matrix is not None else self.num_classes
+        _tensor_validation(logits, target, known)
+        if self._label_matrix is None:
+            num_classes = logits.shape[1]
+            check_class_names(self.class_names, num_classes)
+            self._label_matrix = LabelMatrix(
                 num_classes,
                 samples=self.preset.samples,
                 estimator=self.preset.estimator,
@@ -155,25 +188,14 @@ class AdaLabel(pl.Callback):
                 device=logits.device,
                 initial_matrix=self.initial_matrix,
             )
-        elif num_classes != self.label_matrix.num_classes:
-            raise ValueError(self._num_classes_mismatch(num_classes, self.label_matrix.num_classes))
-        if self.label_matrix.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
-            self.label_matrix.to(logits.device)
-        return self.label_matrix
-
-    @staticmethod
-    def _num_classes_mismatch(got: int, expected: int) -> str:
-        return (
-            f"AdaLabel expects logits with {expected} classes (the label matrix is {expected} x {expected}) but the"
-            f" model returned {got}. Make `AdaLabel(num_classes=...)`, the model's output layer and the checkpoint"
-            " you resume from agree."
-        )
+        if self._label_matrix.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
+            self._label_matrix.to(logits.device)
+        return self._label_matrix
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        from lightning_adalabel.module import AdaLabelMixin
-
         if not isinstance(pl_module, AdaLabelMixin):
             raise TypeError(
                 f"AdaLabel needs a LightningModule that inherits AdaLabelMixin; {type(pl_module).__name__} does not."
@@ -181,15 +203,29 @@ class AdaLabel(pl.Callback):
                 " loss with `self.adalabel_loss(logits, y)`."
             )
         pl_module._adalabel_callback = self
-        self._pending = []
-        self._values_checked = False
+        if stage == "fit":
+            self._start_fit()
 
+    @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # A restored label matrix arrives on the CPU; it must be on the module's device before a refresh can
         # all-reduce it (NCCL refuses CPU tensors), which may happen before the first loss moves it.
-        if self.label_matrix is not None:
-            self.label_matrix.to(pl_module.device)
+        if self._label_matrix is not None:
+            self._label_matrix.to(pl_module.device)
 
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Here, not at fit start: the training data are loaded by now (asking earlier would load them out of
+        # Lightning's order, before a resumed loader's state is restored).
+        every = self.refresh_every_n_steps
+        if every is not None and self.preset.samples != "none" and every > trainer.estimated_stepping_batches:
+            rank_zero_warn(
+                f"AdaLabel(refresh_every_n_steps={every}) is longer than this run ({trainer.estimated_stepping_batches}"
+                " optimizer steps), so the label matrix would never be refreshed. Lower refresh_every_n_steps, or"
+                " leave it None to refresh at the end of each training epoch."
+            )
+
+    @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
@@ -198,17 +234,20 @@ class AdaLabel(pl.Callback):
         if self._statistics_epoch is not None and self._statistics_epoch != trainer.current_epoch:
             self._refresh(trainer, pl_module, on_step=False)
 
+    @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         pending, self._pending = self._pending, []
-        if not pending and self.label_matrix is None:
+        if pending:
+            self._loss_seen_in_training = True
+        elif not self._loss_seen_in_training:
             raise RuntimeError(
                 f"{type(pl_module).__name__}.training_step did not call `self.adalabel_loss(logits, y)`, so AdaLabel"
                 " has nothing to learn from. Replace the training loss (e.g. `F.cross_entropy(logits, y)`) with it."
             )
-        for logits, target in pending:  # one entry per adalabel_loss call of this step, usually one
-            self.label_matrix.update(logits, target)  # type: ignore[union-attr]
+        for formatted in pending:  # one entry per adalabel_loss call of this step, usually one
+            self._label_matrix.update_batch(formatted)  # type: ignore[union-attr]
         if self.refresh_every_n_steps is None:
             self._statistics_epoch = trainer.current_epoch
         else:
@@ -218,47 +257,73 @@ class AdaLabel(pl.Callback):
             if step != self._last_refresh_step and step % self.refresh_every_n_steps == 0:
                 self._refresh(trainer, pl_module, on_step=True)
 
+    @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.refresh_every_n_steps is None:
             self._refresh(trainer, pl_module, on_step=False)
 
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        spawned = os.getpid() != self._owner_pid
+        if spawned and stage == "fit" and trainer.global_rank == 0 and self._label_matrix is not None:
+            torch.save(_to_cpu(self.state_dict()), self._spawned_state_path)
+
     def _refresh(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", on_step: bool) -> None:
         self._last_refresh_step = trainer.global_step
         self._statistics_epoch = None
-        if self.label_matrix is None:
+        label_matrix = self._label_matrix
+        if label_matrix is None:
             return
-        stats = self.label_matrix.refresh(reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
-        counted, seen, nonfinite = statistic_totals(stats)
+        stats = label_matrix.refresh(reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
+        counted, seen, nonfinite, invalid = statistic_totals(stats)
+        entropy = torch.special.entr(label_matrix.matrix).sum(dim=1).mean()
+        # One host sync per refresh, never per batch. Every rank reads the same all-reduced totals, so every rank
+        # raises together below (none is left waiting in a collective).
+        summary = torch.stack([entropy, counted / seen.clamp_min(1.0), nonfinite, invalid, seen]).tolist()
+        if summary[3] > 0:
+            raise ValueError(invalid_targets_message(
+                int(summary[3]), int(summary[3] + summary[4]), None, label_matrix.num_classes, self.ignore_index
+            ))
+        # Python floats: the values are already identical on every rank, so Lightning needs no sync_dist for them.
         pl_module.log_dict(
-            {
-                "adalabel/entropy": torch.special.entr(self.label_matrix.matrix).sum(dim=1).mean(),
-                "adalabel/counted_fraction": counted / seen.clamp_min(1.0),
-                "adalabel/nonfinite": nonfinite,
-            },
+            {"adalabel/entropy": summary[0], "adalabel/counted_fraction": summary[1], "adalabel/nonfinite": summary[2]},
             on_step=on_step,
             on_epoch=not on_step,
             batch_size=1,
         )
         if self.log_label_matrix:  # heatmap and top class pairs of the new Q, written by global rank 0 only
-            log_label_matrix(trainer, self.label_matrix.matrix, self.class_names, self.top_pairs)
-        if nonfinite > 0:  # one host sync per refresh, never per batch
+            log_label_matrix(trainer, label_matrix.matrix, self.class_names, self.top_pairs)
+        if summary[2] > 0:
             rank_zero_warn(
-                f"AdaLabel left {int(nonfinite)} training samples out of the label statistics because their logits were"
-                " NaN or Inf. Training is diverging: lower the learning rate, clip gradients or check the inputs."
+                f"AdaLabel left {int(summary[2])} training samples out of the label statistics because their logits"
+                " were NaN or Inf. Training is diverging: lower the learning rate, clip gradients or check the inputs."
             )
 
     # ---- checkpointing -----------------------------------------------------------------------------------------
 
+    @override
     def state_dict(self) -> Dict[str, Any]:
+        label_matrix = self.label_matrix
         return {
+            "version": STATE_VERSION,
             "preset": self.preset_name,
             "config": self.preset.__dict__.copy(),
-            "label_matrix": None if self.label_matrix is None else self.label_matrix.state_dict(),
+            "label_matrix": None if label_matrix is None else label_matrix.state_dict(),
             "last_refresh_step": self._last_refresh_step,
             "statistics_epoch": self._statistics_epoch,
         }
 
+    @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        missing = [key for key in ("preset", "config", "label_matrix", "last_refresh_step", "statistics_epoch")
+                   if key not in state_dict]
+        version = state_dict.get("version", 1)
+        if missing or version not in (1, STATE_VERSION):
+            raise ValueError(
+                f"This checkpoint's AdaLabel state (format version {version!r}, missing {missing}) was not written by"
+                f" a lightning_adalabel this one can read (versions 1 to {STATE_VERSION}). Resume with the version"
+                " that wrote it, or start a new run without `ckpt_path`."
+            )
         if state_dict["preset"] != self.preset_name or state_dict["config"] != self.preset.__dict__:
             raise ValueError(
                 f"This checkpoint's AdaLabel state was written by preset {state_dict['preset']!r} with"
@@ -267,16 +332,40 @@ class AdaLabel(pl.Callback):
             )
         saved = state_dict["label_matrix"]
         if saved is not None:
-            if self.num_classes is not None and saved["num_classes"] != self.num_classes:
+            num_classes = saved.get("num_classes") if isinstance(saved, dict) else None
+            if self.num_classes is not None and num_classes != self.num_classes:
                 raise ValueError(
-                    f"This checkpoint's label matrix has {saved['num_classes']} classes but AdaLabel(num_classes="
+                    f"This checkpoint's label matrix has {num_classes} classes but AdaLabel(num_classes="
                     f"{self.num_classes}). Resume with the model and num_classes the checkpoint was trained with."
                 )
-            device = self.label_matrix.device if self.label_matrix is not None else torch.device("cpu")
-            self.label_matrix = LabelMatrix(
-                saved["num_classes"], self.preset.samples, self.preset.estimator, self.preset.momentum,
+            check_int("the checkpoint's num_classes", num_classes, minimum=2)
+            check_class_names(self.class_names, num_classes)
+            device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
+            restored = LabelMatrix(
+                num_classes, self.preset.samples, self.preset.estimator, self.preset.momentum,  # type: ignore[arg-type]
                 self.preset.include_diagonal, device=device,
             )
-            self.label_matrix.load_state_dict(saved)
+            restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
+            self._label_matrix = restored
         self._last_refresh_step = state_dict["last_refresh_step"]
         self._statistics_epoch = state_dict["statistics_epoch"]
+
+    def _collect_spawned_state(self) -> None:
+        """In the launching process of ddp_spawn/ddp_notebook, take over the state that rank 0 left after fit."""
+        if os.getpid() == self._owner_pid and os.path.exists(self._spawned_state_path):
+            state = torch.load(self._spawned_state_path, map_location="cpu", weights_only=True)
+            os.remove(self._spawned_state_path)
+            self.load_state_dict(state)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_pending"] = []  # batches of an unfinished step are not state
+        return state
+
+
+def _to_cpu(state: Any) -> Any:
+    if isinstance(state, Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: _to_cpu(value) for key, value in state.items()}
+    return state

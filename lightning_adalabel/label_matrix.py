@@ -3,28 +3,36 @@
 Pure torch, no Lightning: :class:`LabelMatrix` can be driven by hand, by the :class:`~lightning_adalabel.AdaLabel`
 callback, or by any other training loop.
 
-Layout of the statistics. Everything a refresh needs lives in one ``K x (K + 3)`` float32 tensor, the
-*accumulator*, so that one batch costs a single ``index_add_`` and one refresh costs a single all-reduce:
+Layout of the statistics. Everything a refresh needs lives in one ``K x (K + 4)`` float32 tensor, the
+*accumulator*, so that one batch costs a single ``index_add_`` and one refresh costs a single all-reduce. Read it
+through the named properties (:attr:`LabelMatrix.sums`, :attr:`~LabelMatrix.counts`, ...), never by column index:
 
 ======================  ==================================================================
 column(s)               meaning (row k = samples whose target class is k)
 ======================  ==================================================================
 ``[:, :K]``             sum of the residual predictions (or of their logs, ``geometric``)
 ``[:, K]``              number of samples that entered those sums
-``[:, K + 1]``          number of samples of class k seen (entered or not)
+``[:, K + 1]``          number of samples of class k seen (entered or not; ignored positions are not seen)
 ``[:, K + 2]``          number of samples of class k left out for non-finite logits
+``[:, K + 3]``          invalid targets (no class: all are added to row 0), see :mod:`lightning_adalabel.inputs`
 ======================  ==================================================================
+
+The steps follow torchmetrics' naming: :func:`_label_matrix_update` (one batch into the accumulator) and
+:func:`_label_matrix_compute` (the refreshed Q from reduced statistics).
 """
 
-from typing import Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
-SAMPLE_POLICIES = ("misclassified", "all", "correct", "none")
-ESTIMATORS = ("mean", "geometric")
+from lightning_adalabel.inputs import ClassificationBatch, _format, _tensor_validation
+from lightning_adalabel.validation import check_engine_config, check_int, validate_label_matrix
 
-_SUMS, _COUNT, _SEEN, _NONFINITE = slice(None, -3), -3, -2, -1
+# Version of the state_dict layout. 1: accumulator K x (K + 3), no invalid-target column (lightning_adalabel 0.1.0).
+STATE_VERSION = 2
+_STAT_COLUMNS = 4
+_SUMS, _COUNT, _SEEN, _NONFINITE, _INVALID = slice(None, -_STAT_COLUMNS), -4, -3, -2, -1
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -49,113 +57,6 @@ def initial_label_matrix(
         return torch.full((num_classes, num_classes), 1.0 / num_classes, device=device)
     matrix = torch.full((num_classes, num_classes), 1.0 / (num_classes - 1), device=device)
     return matrix.fill_diagonal_(0.0)
-
-
-def validate_label_matrix(matrix: Tensor, num_classes: Optional[int] = None, include_diagonal: bool = False) -> None:
-    """Raise a ``ValueError`` that names the problem and the fix unless ``matrix`` is a valid label matrix.
-
-    Valid: a K x K float tensor (K = ``num_classes`` when given), finite, non-negative, rows summing to 1, and for a
-    residual matrix (``include_diagonal=False``, the ALR default) a zero diagonal.
-
-    Example:
-        >>> validate_label_matrix(initial_label_matrix(3))
-        >>> validate_label_matrix(torch.full((3, 3), 1 / 3))
-        Traceback (most recent call last):
-        ...
-        ValueError: A residual label matrix (include_diagonal=False) must have a zero diagonal, ...
-    """
-    if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
-        raise ValueError(f"A label matrix must be a square K x K tensor, got {shape}.")
-    if num_classes is not None and matrix.shape[0] != num_classes:
-        raise ValueError(
-            f"The label matrix is {matrix.shape[0]} x {matrix.shape[0]} but the model has {num_classes} classes: use"
-            " a matrix learned on the same label set, or set `num_classes` to match it."
-        )
-    if not matrix.is_floating_point():
-        raise ValueError(f"A label matrix must hold floating-point probabilities, got dtype {matrix.dtype}.")
-    matrix = matrix.detach().double().cpu()
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError("The label matrix contains NaN or Inf; it cannot be used as soft labels. Re-export it.")
-    if bool((matrix < 0).any()):
-        raise ValueError(
-            f"A label matrix must be non-negative (its rows are probabilities), got a minimum of {matrix.min():.4g}."
-        )
-    row_sums = matrix.sum(dim=1)
-    if not torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4):
-        worst = int((row_sums - 1).abs().argmax())
-        raise ValueError(
-            f"Every row of a label matrix must sum to 1, but row {worst} sums to {row_sums[worst]:.6g}. Normalise it"
-            " first: `matrix / matrix.sum(dim=1, keepdim=True)`."
-        )
-    if not include_diagonal and bool((matrix.diagonal().abs() > 1e-6).any()):
-        raise ValueError(
-            "A residual label matrix (include_diagonal=False) must have a zero diagonal, but this one has"
-            f" diagonal entries up to {matrix.diagonal().max():.4g}. If it is a full-softmax matrix (e.g. from"
-            " preset 'ols'), set include_diagonal=True and loss='mixed'."
-        )
-
-
-def _check_config(num_classes: int, samples: str, estimator: str, momentum: float) -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"`num_classes` must be an integer >= 2, got {num_classes!r}.")
-    if samples not in SAMPLE_POLICIES:
-        raise ValueError(f"`samples` must be one of {SAMPLE_POLICIES}, got {samples!r}.")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
-    if not isinstance(momentum, (int, float)) or not 0.0 < float(momentum) <= 1.0:
-        raise ValueError(
-            f"`momentum` must be a number in (0, 1] (1 replaces each refreshed row, smaller values average"
-            f" over refreshes), got {momentum!r}."
-        )
-
-
-def _format_batch(logits: Tensor, target: Tensor, num_classes: int) -> "tuple[Tensor, Tensor]":
-    """Check shapes and dtypes (free: no device-to-host copy) and return float32 logits, integer targets.
-
-    Probability targets (B x K) enter the statistics under their dominant class.
-    """
-    if logits.ndim != 2 or logits.shape[1] != num_classes:
-        raise ValueError(
-            f"Expected logits of shape (batch, num_classes={num_classes}), got {tuple(logits.shape)}. If the model"
-            f" has {logits.shape[-1] if logits.ndim else '?'} outputs, set `num_classes` to match it."
-        )
-    if target.is_floating_point():
-        if target.shape != logits.shape:
-            raise ValueError(
-                f"Probability targets must have the logits' shape {tuple(logits.shape)}, got {tuple(target.shape)}."
-            )
-        target = target.argmax(dim=1)
-    elif target.ndim != 1 or target.shape[0] != logits.shape[0]:
-        raise ValueError(
-            f"Expected integer targets of shape ({logits.shape[0]},) to match the logits, got {tuple(target.shape)}."
-        )
-    return logits.detach().float(), target.detach().long()
-
-
-def check_batch_values(logits: Tensor, target: Tensor, num_classes: int) -> None:
-    """Value checks that need a device-to-host copy; run them once, off the steady-state path.
-
-    Example:
-        >>> check_batch_values(torch.zeros(2, 3), torch.tensor([0, 3]), 3)
-        Traceback (most recent call last):
-        ...
-        ValueError: Targets must be class indices in [0, 3), got values in [0, 3]. ...
-    """
-    if not target.is_floating_point():
-        low, high = int(target.min()), int(target.max())
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"Targets must be class indices in [0, {num_classes}), got values in [{low}, {high}]. Check that"
-                f" `num_classes` ({num_classes}) matches the data set and that labels are 0-based."
-            )
-    elif bool((target < 0).any()) or not torch.allclose(target.sum(1), torch.ones_like(target[:, 0]), atol=1e-3):
-        raise ValueError("Probability targets must be non-negative and sum to 1 over the classes.")
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError(
-            "The logits of the first training batch contain NaN or Inf. The model diverges or its inputs are not"
-            " normalised; fix the model before training with ALR."
-        )
 
 
 def residual_prediction_stats(logits: Tensor, target: Tensor, include_diagonal: bool, estimator: str) -> Tensor:
@@ -193,28 +94,36 @@ def select_samples(logits: Tensor, target: Tensor, samples: str) -> Tensor:
     return correct if samples == "correct" else ~correct
 
 
-def accumulate(
-    accumulator: Tensor, logits: Tensor, target: Tensor, samples: str, estimator: str, include_diagonal: bool
+def _label_matrix_update(
+    accumulator: Tensor, batch: ClassificationBatch, samples: str, estimator: str, include_diagonal: bool
 ) -> None:
-    """Add one batch to the accumulator in place: a few vectorised ops and one ``index_add_``."""
-    # A row sum is finite iff every entry is (for logits below ~1e35): one reduction, not a B x K boolean mask.
+    """Add one formatted batch to the accumulator in place: a few vectorised ops and one ``index_add_``.
+
+    Only ``valid`` rows enter the sums and the seen counts; ``invalid`` ones are only counted (in row 0, their
+    target being no class); ignored and padding rows add nothing.
+    """
+    logits = batch.logits.detach().float()
+    # Probability targets enter the statistics under their dominant class.
+    target = batch.target.argmax(dim=1) if batch.probabilistic else batch.target
+    # A row sum is finite iff every entry is (for logits below ~1e35): one reduction, not an M x K boolean mask.
     finite = torch.isfinite(logits.sum(dim=1))
-    counted = select_samples(logits, target, samples) & finite
+    counted = select_samples(logits, target, samples) & finite & batch.valid
     stats = residual_prediction_stats(logits, target, include_diagonal, estimator)
     # where, not a product: rows with NaN/Inf logits have NaN statistics, and 0 * NaN is NaN.
     stats = torch.where(counted[:, None], stats, 0.0)
-    columns = torch.stack([counted, torch.ones_like(finite), ~finite], dim=1).to(stats.dtype)
+    columns = torch.stack([counted, batch.valid, batch.valid & ~finite, batch.invalid], dim=1).to(stats.dtype)
     accumulator.index_add_(0, target, torch.cat([stats, columns], dim=1))
 
 
 def statistic_totals(stats: Tensor) -> Tensor:
-    """``(counted, seen, nonfinite)`` sample totals over all classes of an accumulator (e.g. what refresh returns).
+    """``(counted, seen, nonfinite, invalid)`` sample totals over all classes of an accumulator (e.g. what refresh
+    returns).
 
     Example:
         >>> matrix = LabelMatrix(3, samples="misclassified")
-        >>> matrix.update(torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0]]), torch.tensor([0, 1]))
+        >>> matrix.update(torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([0, 1, 5]))
         >>> statistic_totals(matrix.accumulator)
-        tensor([1., 2., 0.])
+        tensor([1., 2., 0., 1.])
     """
     return stats[:, _COUNT:].sum(dim=0)
 
@@ -239,6 +148,15 @@ def refreshed_rows(sums: Tensor, counts: Tensor, estimator: str, include_diagona
     return mean.softmax(dim=1)
 
 
+def _label_matrix_compute(
+    matrix: Tensor, stats: Tensor, estimator: str, momentum: float, include_diagonal: bool
+) -> Tensor:
+    """The refreshed Q from (reduced) statistics: rows that received no sample keep their value."""
+    counts = stats[:, _COUNT]
+    estimate = refreshed_rows(stats[:, _SUMS], counts, estimator, include_diagonal)
+    return torch.where(counts[:, None] > 0, torch.lerp(matrix, estimate, momentum), matrix)
+
+
 class LabelMatrix:
     """The residual label matrix Q with its online statistics.
 
@@ -252,7 +170,7 @@ class LabelMatrix:
             of the residual (wrong classes only, ALR).
         device: where Q and the statistics live (the logits' device).
         initial_matrix: start from this K x K matrix instead of the uniform one (checked by
-            :func:`validate_label_matrix`); with ``samples="none"`` it stays fixed.
+            :func:`~lightning_adalabel.validate_label_matrix`); with ``samples="none"`` it stays fixed.
 
     Example:
         >>> matrix = LabelMatrix(3, samples="all")
@@ -276,7 +194,8 @@ class LabelMatrix:
         device: Optional[Union[str, torch.device]] = None,
         initial_matrix: Optional[Tensor] = None,
     ) -> None:
-        _check_config(num_classes, samples, estimator, momentum)
+        check_int("num_classes", num_classes, minimum=2)
+        check_engine_config(samples, estimator, momentum, include_diagonal)
         self.num_classes = num_classes
         self.samples = samples
         self.estimator = estimator
@@ -287,7 +206,7 @@ class LabelMatrix:
         else:  # e.g. a matrix learned by an earlier run (load_label_matrix), used as a fixed or warm-start Q
             validate_label_matrix(initial_matrix, num_classes, include_diagonal)
             self.matrix = initial_matrix.detach().to(device, torch.float32).clone()
-        self.accumulator = torch.zeros(num_classes, num_classes + 3, device=device)
+        self.accumulator = torch.zeros(num_classes, num_classes + _STAT_COLUMNS, device=device)
         self.num_refreshes = 0
 
     @property
@@ -306,7 +225,7 @@ class LabelMatrix:
 
     @property
     def seen(self) -> Tensor:
-        """Number of samples per target class seen since the last refresh, counted or not."""
+        """Number of samples per target class seen since the last refresh, counted or not (ignored ones are not)."""
         return self.accumulator[:, _SEEN]
 
     @property
@@ -314,22 +233,32 @@ class LabelMatrix:
         """Number of samples per target class left out since the last refresh because their logits were NaN/Inf."""
         return self.accumulator[:, _NONFINITE]
 
+    @property
+    def invalid(self) -> Tensor:
+        """Number of invalid targets since the last refresh (all in row 0: they have no class)."""
+        return self.accumulator[:, _INVALID]
+
     def to(self, device: Union[str, torch.device]) -> "LabelMatrix":
         self.matrix = self.matrix.to(device)
         self.accumulator = self.accumulator.to(device)
         return self
 
-    def update(self, logits: Tensor, target: Tensor) -> None:
-        """Accumulate one batch: ``logits`` (B x K, any float dtype), ``target`` (B,) class indices or B x K probabilities.
+    def update(self, logits: Tensor, target: Tensor, ignore_index: int = -100) -> None:
+        """Accumulate one batch in ``F.cross_entropy``'s layouts: logits ``(N, K, ...)`` of any float dtype, targets
+        class indices ``(N, ...)`` or probabilities of the logits' shape; every position is one sample.
 
         Runs in float32 on the logits' device without a device-to-host copy. Rows with NaN/Inf logits are left
-        out of the sums and counted in :attr:`nonfinite`.
+        out of the sums and counted in :attr:`nonfinite`; invalid targets are counted in :attr:`invalid`.
         """
+        _tensor_validation(logits, target, self.num_classes)
+        self.update_batch(_format(logits.detach(), target.detach(), ignore_index))
+
+    def update_batch(self, batch: ClassificationBatch) -> None:
+        """Accumulate a batch already formatted by :func:`lightning_adalabel.inputs._format` (the callback's path)."""
         if self.samples == "none":
             return
-        logits, target = _format_batch(logits, target, self.num_classes)
         with torch.no_grad():
-            accumulate(self.accumulator, logits, target, self.samples, self.estimator, self.include_diagonal)
+            _label_matrix_update(self.accumulator, batch, self.samples, self.estimator, self.include_diagonal)
 
     def refresh(self, reduce: Optional[ReduceFn] = None) -> Tensor:
         """Fold the statistics into Q and reset them; return the (reduced) statistics that were used.
@@ -341,29 +270,35 @@ class LabelMatrix:
         Rows that received no sample keep their value. Runs on the device without a host sync.
         """
         stats = self.accumulator if reduce is None else reduce(self.accumulator)
-        counts = stats[:, _COUNT]
         if self.samples != "none":
-            estimate = refreshed_rows(stats[:, _SUMS], counts, self.estimator, self.include_diagonal)
-            blended = torch.lerp(self.matrix, estimate, self.momentum)
-            self.matrix = torch.where(counts[:, None] > 0, blended, self.matrix)
+            self.matrix = _label_matrix_compute(self.matrix, stats, self.estimator, self.momentum,
+                                                self.include_diagonal)
         self.accumulator = torch.zeros_like(self.accumulator)
         self.num_refreshes += 1
         return stats
 
-    def state_dict(self) -> Dict[str, object]:
+    def reset_statistics(self) -> None:
+        """Forget the statistics gathered since the last refresh (Q is kept), e.g. when a new ``fit`` starts."""
+        self.accumulator.zero_()
+
+    def state_dict(self) -> Dict[str, Any]:
         return {
+            "version": STATE_VERSION,
             "num_classes": self.num_classes,
             "samples": self.samples,
             "estimator": self.estimator,
             "momentum": self.momentum,
             "include_diagonal": self.include_diagonal,
+            # Clones: the accumulator is updated in place, and a checkpoint may be written asynchronously.
             "matrix": self.matrix.clone(),
             "accumulator": self.accumulator.clone(),
             "num_refreshes": self.num_refreshes,
         }
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Restore Q and the statistics onto this matrix's device; the configuration must match."""
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore Q and the statistics onto this matrix's device; the configuration must match and the values
+        must be a valid label matrix with finite, non-negative statistics of the right shape."""
+        state = _upgrade_state(state)
         mismatched = [
             f"{key}={state.get(key)!r} (this one has {getattr(self, key)!r})"
             for key in ("num_classes", "samples", "estimator", "momentum", "include_diagonal")
@@ -374,12 +309,56 @@ class LabelMatrix:
                 "The label-matrix state was saved with a different configuration: " + ", ".join(mismatched)
                 + ". Resume with the same settings, or start a new run without this checkpoint."
             )
-        self.matrix = state["matrix"].to(self.device, torch.float32)  # type: ignore[union-attr]
-        self.accumulator = state["accumulator"].to(self.device, torch.float32)  # type: ignore[union-attr]
-        self.num_refreshes = int(state["num_refreshes"])  # type: ignore[arg-type]
+        matrix, accumulator = state["matrix"], state["accumulator"]
+        try:
+            validate_label_matrix(matrix, self.num_classes, self.include_diagonal)
+        except ValueError as error:
+            raise ValueError(f"The saved label matrix is not valid: {error}") from error
+        expected = (self.num_classes, self.num_classes + _STAT_COLUMNS)
+        if not isinstance(accumulator, Tensor) or tuple(accumulator.shape) != expected:
+            shape = tuple(accumulator.shape) if isinstance(accumulator, Tensor) else type(accumulator).__name__
+            raise ValueError(f"The saved label-matrix statistics have shape {shape}, expected {expected}.")
+        stats = accumulator.detach().double().cpu()
+        if not bool(torch.isfinite(stats).all()) or bool((stats[:, _COUNT:] < 0).any()):
+            raise ValueError(
+                "The saved label-matrix statistics hold NaN/Inf or negative counts. Resume from an earlier checkpoint,"
+                " or start a new run."
+            )
+        num_refreshes = state["num_refreshes"]
+        check_int("num_refreshes", num_refreshes, minimum=0)
+        self.matrix = matrix.detach().to(self.device, torch.float32).clone()
+        self.accumulator = accumulator.detach().to(self.device, torch.float32).clone()
+        self.num_refreshes = num_refreshes
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_classes={self.num_classes}, samples={self.samples!r},"
             f" estimator={self.estimator!r}, momentum={self.momentum}, include_diagonal={self.include_diagonal})"
         )
+
+
+_STATE_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "matrix", "accumulator",
+               "num_refreshes")
+
+
+def _upgrade_state(state: Any) -> Dict[str, Any]:
+    """A state of this version from one of any version this package wrote, or a clear error."""
+    if not isinstance(state, dict):
+        raise ValueError(f"A label-matrix state is a dict, got {type(state).__name__}.")
+    version = state.get("version", 1)
+    if version not in (1, STATE_VERSION):
+        raise ValueError(
+            f"This label-matrix state has format version {version!r}; this lightning_adalabel reads versions 1 to"
+            f" {STATE_VERSION}. Upgrade lightning_adalabel, or start a new run without this checkpoint."
+        )
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(
+            f"This label-matrix state lacks {missing}: it was not written by LabelMatrix.state_dict(). Start a new"
+            " run, or load a checkpoint written by lightning_adalabel."
+        )
+    if version == 1 and isinstance(state["accumulator"], Tensor) and state["accumulator"].ndim == 2:
+        # Version 1 had no invalid-target column; it counted none.
+        accumulator = state["accumulator"]
+        state = {**state, "accumulator": torch.cat([accumulator, accumulator.new_zeros(accumulator.shape[0], 1)], 1)}
+    return state

@@ -10,7 +10,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from lightning_adalabel.label_matrix import LabelMatrix, validate_label_matrix
+from lightning_adalabel.label_matrix import LabelMatrix
+from lightning_adalabel.validation import validate_label_matrix
 
 PathLike = Union[str, "os.PathLike[str]"]
 FORMATS = (".pt", ".csv")

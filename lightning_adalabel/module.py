@@ -1,10 +1,11 @@
 """``AdaLabelMixin``: gives a LightningModule the ALR loss; the AdaLabel callback supplies the label matrix."""
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from torch import Tensor
 
-from lightning_adalabel.callback import AdaLabel
+if TYPE_CHECKING:  # the callback imports this module; the mixin only needs the callback's type
+    from lightning_adalabel.callback import AdaLabel
 
 
 class AdaLabelMixin:
@@ -15,13 +16,18 @@ class AdaLabelMixin:
     """
 
     # Set by AdaLabel.setup. A plain attribute, not a buffer: Q must not be broadcast by DDP on every forward.
-    _adalabel_callback: Optional[AdaLabel] = None
+    _adalabel_callback: Optional["AdaLabel"] = None
 
-    def adalabel_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """The training loss of the attached AdaLabel callback's preset for ``logits`` (B x K) and ``target``.
+    def adalabel_loss(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """The training loss of the attached AdaLabel callback's preset, with ``F.cross_entropy``'s contract.
 
-        ``target`` holds class indices (B,) or class probabilities (B x K, e.g. from MixUp/CutMix). Before the
-        first refresh the loss uses the initial label matrix (uniform over the other classes).
+        Args:
+            logits: ``(N, K)`` or ``(N, K, d1, ..., dk)``, classes on dim 1.
+            target: class indices ``(N)`` / ``(N, d1, ..., dk)`` (``int64`` or ``uint8``; positions equal to the
+                callback's ``ignore_index`` are left out) or class probabilities of the logits' shape (MixUp/CutMix).
+            reduction: ``"mean"``, ``"sum"`` or ``"none"``, as ``F.cross_entropy``.
+
+        Before the first refresh the loss uses the initial label matrix (uniform over the other classes).
         """
         callback = self._adalabel_callback
         if callback is None:
@@ -29,7 +35,7 @@ class AdaLabelMixin:
                 f"{type(self).__name__}.adalabel_loss needs the AdaLabel callback: pass `callbacks=[AdaLabel()]` to"
                 " the Trainer (it supplies the label matrix)."
             )
-        return callback.loss(self, logits, target)  # type: ignore[arg-type]
+        return callback.loss(self, logits, target, reduction)  # type: ignore[arg-type]
 
     def on_fit_start(self) -> None:
         trainer = self.trainer  # type: ignore[attr-defined]
@@ -46,3 +52,11 @@ class AdaLabelMixin:
         loss = self.adalabel_loss(self(x), y)  # type: ignore[operator]
         self.log("train_loss", loss, prog_bar=True)  # type: ignore[attr-defined]
         return loss
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # The callback (and with it Q and its statistics) belongs to the Trainer, not to the model: pickle,
+        # copy.deepcopy (e.g. the averaged copy of WeightAveraging) and torch.save(model) leave it out.
+        parent = getattr(super(), "__getstate__", None)
+        state = dict(parent() if parent is not None else self.__dict__)
+        state.pop("_adalabel_callback", None)
+        return state

@@ -3,8 +3,7 @@
 from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
-from lightning_adalabel.label_matrix import _check_config
-from lightning_adalabel.losses import LOSS_MODES
+from lightning_adalabel.validation import LOSS_MODES, check_choice, check_engine_config, check_number
 
 
 @dataclass(frozen=True)
@@ -28,11 +27,9 @@ class Preset:
     alpha: float
 
     def __post_init__(self) -> None:
-        _check_config(2, self.samples, self.estimator, self.momentum)
-        if self.loss not in LOSS_MODES:
-            raise ValueError(f"`loss` must be one of {LOSS_MODES}, got {self.loss!r}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
-            raise ValueError(f"`alpha` must be a number >= 0, got {self.alpha!r}.")
+        check_engine_config(self.samples, self.estimator, self.momentum, self.include_diagonal)
+        check_choice("loss", self.loss, LOSS_MODES)
+        check_number("alpha", self.alpha, 0.0)
         if self.loss == "mixed" and self.alpha > 1:
             raise ValueError(
                 f"`alpha` must be in [0, 1] for the 'mixed' loss (it is the soft part of the target), got {self.alpha}."

@@ -127,14 +127,14 @@ def test_num_classes_is_inferred_from_the_first_logits():
 
 
 def test_wrong_num_classes_is_a_clear_error():
-    with pytest.raises(ValueError, match="expects logits with 4 classes .* model returned 5"):
+    with pytest.raises(ValueError, match=r"Expected logits with num_classes=4 on dim 1 .*got shape \(16, 5\)"):
         fit(AdaLabel(num_classes=4))
 
 
 def test_targets_out_of_range_are_a_clear_error():
     loader = make_loader()
     loader.dataset.tensors[1][3] = 5
-    with pytest.raises(ValueError, match=r"class indices in \[0, 5\), got values in \[0, 5\]"):
+    with pytest.raises(ValueError, match=r"1 of 16 targets is neither a class index in \[0, 5\) nor ignore_index=-100 \(values seen: \[5\]\)"):
         fit(AdaLabel(), loader=loader)
 
 
@@ -190,17 +190,17 @@ def test_two_callbacks_are_a_clear_error():
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"preset": "focal"}, ValueError, "Unknown preset 'focal'"),
-        ({"alpha": -0.1}, ValueError, "`alpha` must be a number >= 0"),
+        ({"preset": "focal"}, ValueError, r"`preset` must be one of \('alr', 'ols', 'label_smoothing', 'fixed', 'none'\), got 'focal'"),
+        ({"alpha": -0.1}, ValueError, "`alpha` must be a finite number >= 0"),
         ({"loss": "mixed", "alpha": 1.5}, ValueError, r"`alpha` must be in \[0, 1\] for the 'mixed' loss"),
         ({"samples": "some"}, ValueError, "`samples` must be one of"),
         ({"estimator": "mode"}, ValueError, "`estimator` must be one of"),
-        ({"momentum": 0}, ValueError, r"`momentum` must be a number in \(0, 1\]"),
+        ({"momentum": 0}, ValueError, r"`momentum` must be a finite number in \(0.0, 1.0\]"),
         ({"loss": "hinge"}, ValueError, "`loss` must be one of"),
         ({"include_diagonal": True}, ValueError, "'decoupled' loss needs a residual matrix"),
         ({"loss": "mixed"}, ValueError, r"alpha=1.0 gives the true class no target mass"),
         ({"num_classes": 1}, ValueError, "`num_classes` must be an integer >= 2"),
-        ({"refresh_every_n_steps": 0}, ValueError, "`refresh_every_n_steps` must be a positive integer"),
+        ({"refresh_every_n_steps": 0}, ValueError, r"`refresh_every_n_steps` must be an integer >= 1 or None"),
     ],
 )
 def test_bad_hyperparameters_are_a_clear_error(kwargs, error, message):
@@ -216,40 +216,3 @@ def test_checkpoint_from_another_k_or_preset_is_a_clear_error(tmp_path):
         fit(AdaLabel(num_classes=7), ckpt_path=path)
     with pytest.raises(ValueError, match="written by preset 'alr' .* but the callback is preset 'ols'"):
         fit(AdaLabel(preset="ols"), ckpt_path=path)
-
-
-# ---- packaging and the demo --------------------------------------------------------------------------------------
-
-
-def test_import_does_not_import_torchvision_itself():
-    """Our modules never import torchvision; only Lightning's own imports (torchmetrics) may pull it in."""
-    code = (
-        "import sys, lightning.pytorch, torchmetrics; before = 'torchvision' in sys.modules; "
-        "import lightning_adalabel, lightning_adalabel.demo; "
-        "print(before, 'torchvision' in sys.modules)"
-    )
-    before, after = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert after == before
-
-
-def test_demo_command_prints_the_table_and_writes_csv_and_heatmap(tmp_path):
-    from lightning_adalabel.cli import main
-
-    out = tmp_path / "demo"
-    code = main(["demo", "--seeds", "2", "--epochs", "1", "--methods", "none", "alr", "--noise", "0.3",
-                 "--out", str(out), "--no-progress-bar"])
-    assert code == 0
-    summary = (out / "summary.csv").read_text().splitlines()
-    assert summary[0].startswith("method,seeds,noise,accuracy") and len(summary) == 3
-    assert len((out / "runs.csv").read_text().splitlines()) == 5
-    assert os.path.getsize(out / "alr_label_matrix.png") > 10_000
-
-
-def test_demo_rejects_bad_arguments():
-    from lightning_adalabel.cli import main
-
-    with pytest.raises(SystemExit):
-        main(["demo", "--noise", "1.5"])
-    assert main(["frobnicate"]) == 2

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lightning_adalabel import AdaLabel, LabelMatrix, initial_label_matrix
-from lightning_adalabel.label_matrix import accumulate
+from lightning_adalabel.inputs import _format
+from lightning_adalabel.label_matrix import _label_matrix_update
 from lightning_adalabel.losses import adalabel_loss, decoupled_loss, mixed_loss
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
@@ -55,10 +56,12 @@ def test_losses_compile_without_graph_breaks(name, target_kind):
 def test_statistics_update_compiles_without_graph_breaks(samples, estimator, include_diagonal):
     torch._dynamo.reset()
     batch = inputs("int")
-    accumulator = torch.zeros(K, K + 3)
-    explanation = torch._dynamo.explain(accumulate)(
-        accumulator, batch["logits"], batch["target"], samples, estimator, include_diagonal
-    )
+    accumulator = torch.zeros(K, K + 4)
+
+    def update(logits, target):
+        _label_matrix_update(accumulator, _format(logits, target), samples, estimator, include_diagonal)
+
+    explanation = torch._dynamo.explain(update)(batch["logits"], batch["target"])
     assert explanation.graph_break_count == 0, explanation.break_reasons
     matrix = LabelMatrix(K, samples=samples, estimator=estimator, include_diagonal=include_diagonal)
     torch._dynamo.reset()

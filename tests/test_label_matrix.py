@@ -197,8 +197,8 @@ def test_state_from_another_configuration_is_a_clear_error():
         ({"num_classes": 3.0}, "`num_classes` must be an integer >= 2"),
         ({"num_classes": 3, "samples": "wrong"}, "`samples` must be one of"),
         ({"num_classes": 3, "estimator": "median"}, "`estimator` must be one of"),
-        ({"num_classes": 3, "momentum": 0.0}, r"`momentum` must be a number in \(0, 1\]"),
-        ({"num_classes": 3, "momentum": 1.5}, r"`momentum` must be a number in \(0, 1\]"),
+        ({"num_classes": 3, "momentum": 0.0}, r"`momentum` must be a finite number in \(0.0, 1.0\]"),
+        ({"num_classes": 3, "momentum": 1.5}, r"`momentum` must be a finite number in \(0.0, 1.0\]"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(kwargs, message):
@@ -209,8 +209,8 @@ def test_bad_configuration_is_a_clear_error(kwargs, message):
 @pytest.mark.parametrize(
     "logits, target, message",
     [
-        (torch.randn(4, 5), torch.zeros(4, dtype=torch.long), r"logits of shape \(batch, num_classes=3\)"),
-        (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), r"integer targets of shape \(4,\)"),
+        (torch.randn(4, 5), torch.zeros(4, dtype=torch.long), r"Expected logits with num_classes=3 on dim 1"),
+        (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), r"targets for logits of shape \(4, 3\) must have shape \(4,\)"),
         (torch.randn(4, 3), torch.rand(4, 2), "Probability targets must have the logits' shape"),
     ],
 )

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, label_matrix, losses
+from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, inputs, label_matrix, losses
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
 K = 5
@@ -115,13 +115,13 @@ SYNCING_BUILTINS = {"int", "float", "bool"}
 
 
 class _FirstBatchCheckRemover(ast.NodeTransformer):
-    """Drops ``if not self._values_checked:`` blocks (the once-per-fit value checks) and ``raise`` statements."""
+    """Drops ``if ... not self._first_batch_checked:`` blocks (the once-per-fit value checks) and ``raise`` statements."""
 
     def __init__(self) -> None:
         self.removed_checks = 0
 
     def visit_If(self, node: ast.If) -> Any:
-        if "_values_checked" in ast.unparse(node.test):
+        if "_first_batch_checked" in ast.unparse(node.test):
             self.removed_checks += 1
             return None
         return self.generic_visit(node)
@@ -161,8 +161,11 @@ def module_functions(module: Any) -> List[Callable]:
 
 PER_BATCH_FUNCTIONS = [
     LabelMatrix.update,
-    label_matrix._format_batch,
-    label_matrix.accumulate,
+    LabelMatrix.update_batch,
+    inputs._tensor_validation,
+    inputs._format,
+    inputs._reduce,
+    label_matrix._label_matrix_update,
     label_matrix.select_samples,
     label_matrix.residual_prediction_stats,
     *module_functions(losses),  # every loss and its helpers
@@ -190,7 +193,7 @@ def test_only_the_first_batch_check_is_exempt():
 
 def test_the_static_check_finds_syncs():
     """The check is not vacuous: the first-batch value checks do sync, and it sees them."""
-    found, _ = host_syncs(label_matrix.check_batch_values)
+    found, _ = host_syncs(inputs.check_values)
     assert any(call.startswith("int(") for call in found)
     assert any(call.startswith("bool(") for call in found)
 

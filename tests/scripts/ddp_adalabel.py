@@ -72,12 +72,14 @@ class RecordingAdaLabel(AdaLabel):
         shapes = getattr(trainer.strategy, "reduced_shapes", [])
         before = len(shapes)
         local = self.label_matrix.accumulator.clone()
+        seen = self.label_matrix.seen.sum().clone()
         super()._refresh(trainer, pl_module, on_step)
         self.refreshes.append(
             dict(
                 global_step=trainer.global_step,
                 batch_idx=self._batch_idx,
                 local_accumulator=local,
+                local_seen=seen,
                 matrix=self.label_matrix.matrix.clone(),
                 reduced_shapes=shapes[before:],
             )
