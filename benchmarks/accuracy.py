@@ -23,7 +23,7 @@ from multiprocessing import get_context
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from lightning_adalabel import PRESETS, AdaLabel
-from lightning_adalabel.demo import NUM_CLASSES, RunResult, format_table, run_digits, summarize, write_csv
+from lightning_adalabel.examples.demo import NUM_CLASSES, RunResult, format_table, run_digits, summarize, write_csv
 
 BASELINES = ("none", "label_smoothing", "ols", "alr")
 # The knobs of the ALR preset and the values the benchmark tries, one knob at a time.

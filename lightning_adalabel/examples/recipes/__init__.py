@@ -1,9 +1,9 @@
 """Ready-to-run LightningCLI recipes: YAML files shipped in this folder, run with ``adalabel fit --config <name>``.
 
-This module only knows where the recipes are and what they are called; it imports neither torch nor torchvision,
-so that ``adalabel recipes`` answers instantly. The Python code the recipes point to lives in
-:mod:`~lightning_adalabel.recipes.vision`, :mod:`~lightning_adalabel.recipes.vision_data` and
-:mod:`~lightning_adalabel.recipes.text`.
+This module only knows where the recipes are and what they are called; it imports neither jsonargparse nor
+torchvision, so that ``adalabel recipes`` answers without them. The Python code the recipes point to lives in
+:mod:`~lightning_adalabel.examples.recipes.vision`, :mod:`~lightning_adalabel.examples.recipes.vision_data` and
+:mod:`~lightning_adalabel.examples.recipes.text`.
 """
 
 import os

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from lightning_adalabel.recipes.classification import ClassificationModule
-from lightning_adalabel.recipes.data import SplitDataModule, split_indices
+from lightning_adalabel.examples.recipes.classification import ClassificationModule
+from lightning_adalabel.examples.recipes.data import SplitDataModule, split_indices
 
 WORD_PATTERN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 # fastText's multiplier for combining word hashes into n-gram hashes.
@@ -196,7 +196,7 @@ class FastTextClassifier(ClassificationModule):
         embed_dim: embedding width (fastText uses 10 for these data sets; wider is cheap on a GPU).
         dropout: dropout on the averaged embedding.
         **kwargs: optimizer and schedule settings of
-            :class:`~lightning_adalabel.recipes.classification.ClassificationModule`.
+            :class:`~lightning_adalabel.examples.recipes.classification.ClassificationModule`.
     """
 
     def __init__(

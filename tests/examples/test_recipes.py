@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 
 from lightning_adalabel import AdaLabel
-from lightning_adalabel.cli import main
-from lightning_adalabel.recipes import format_recipe_list, recipe_paths, resolve_config_args
-from lightning_adalabel.recipes.lightning_cli import run
-from lightning_adalabel.recipes.text import NGRAM_HASH_MULTIPLIER, HashingTokenizer, TextClassificationDataModule, read_labeled_csv
-from lightning_adalabel.recipes.vision import ImageClassifier
-from lightning_adalabel.recipes.vision_data import CIFAR10DataModule, CIFAR100DataModule
+from lightning_adalabel.examples.cli import main
+from lightning_adalabel.examples.recipes import format_recipe_list, recipe_paths, resolve_config_args
+from lightning_adalabel.examples.recipes.lightning_cli import run
+from lightning_adalabel.examples.recipes.text import NGRAM_HASH_MULTIPLIER, HashingTokenizer, TextClassificationDataModule, read_labeled_csv
+from lightning_adalabel.examples.recipes.vision import ImageClassifier
+from lightning_adalabel.examples.recipes.vision_data import CIFAR10DataModule, CIFAR100DataModule
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ["agnews", "cifar10", "cifar100", "imagenet", "yahoo", "yelp_full"]
 ALR_SCALARS = ("adalabel/entropy", "adalabel/counted_fraction")
 
@@ -237,10 +237,10 @@ def recording_import(name, globals=None, *args, **kwargs):
         importers.add((globals or {}).get("__name__", "?"))
     return original_import(name, globals, *args, **kwargs)
 builtins.__import__ = recording_import
-import lightning_adalabel, lightning_adalabel.cli
+import lightning_adalabel, lightning_adalabel.examples.cli
 ours = sorted(name for name in importers if name.startswith("lightning_adalabel"))
 assert not ours, ours
-loaded = sorted(m for m in sys.modules if m.startswith(("lightning_adalabel.recipes", "jsonargparse")))
+loaded = sorted(m for m in sys.modules if m.startswith(("lightning_adalabel.examples.recipes", "jsonargparse")))
 assert not loaded, loaded
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
@@ -271,7 +271,7 @@ def test_cifar10_recipe_fit_validate_test(data_root, tmp_path):
 def test_cifar100_recipe_with_mixup_and_cutmix_feeds_probabilities_to_alr(data_root, tmp_path):
     cli = run([
         "fit", *cifar_args("cifar100", data_root, tmp_path), "--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0",
-        "--adalabel.refresh_every_n_steps", "1", "--trainer.callbacks+=tests.test_recipes.RecordTrainTargets",
+        "--adalabel.refresh_every_n_steps", "1", "--trainer.callbacks+=tests.examples.test_recipes.RecordTrainTargets",
     ])
     values = metrics(cli)
     assert_trained_and_evaluated(values)
@@ -304,7 +304,7 @@ def test_imagenet_recipe_runs_with_ddp_on_two_cpu_processes(data_root, tmp_path)
     global batch: 0.1 x (2 per device x 2 devices) / 256."""
     logs = tmp_path / "logs"
     command = [
-        sys.executable, "-m", "lightning_adalabel.cli", "fit", *imagenet_args(data_root, tmp_path),
+        sys.executable, "-m", "lightning_adalabel.examples.cli", "fit", *imagenet_args(data_root, tmp_path),
         "--trainer.devices", "2", "--trainer.precision", "bf16-mixed",
         "--model.schedule", "constant", "--model.warmup_epochs", "0",
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(logs),

@@ -22,17 +22,17 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
-        from lightning_adalabel.demo import main as demo_main
+        from lightning_adalabel.examples.demo import main as demo_main
 
         return demo_main(argv[1:])
     if argv and argv[0] == "recipes":
-        from lightning_adalabel.recipes import format_recipe_list
+        from lightning_adalabel.examples.recipes import format_recipe_list
 
         print(format_recipe_list())
         return 0
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        # Imported here: `import lightning_adalabel` and `adalabel demo` must not pay for jsonargparse/torchvision.
-        from lightning_adalabel.recipes.lightning_cli import run
+        # Imported here: `adalabel demo` must not need jsonargparse or torchvision (the recipes extra).
+        from lightning_adalabel.examples.recipes.lightning_cli import run
 
         run(argv)
         return 0

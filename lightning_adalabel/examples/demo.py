@@ -22,9 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from lightning_adalabel.callback import AdaLabel
-from lightning_adalabel.module import AdaLabelMixin
-from lightning_adalabel.presets import PRESETS
+from lightning_adalabel import PRESETS, AdaLabel, AdaLabelMixin
 
 NUM_CLASSES = 10
 NUM_TRAIN = 1000
@@ -247,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"\nDigits, {NUM_TRAIN} train / 797 test, noise {args.noise}, {args.epochs} epochs, {args.seeds} seed(s):\n")
     print(format_table(summary))
     if "alr" in learned:
-        from lightning_adalabel.visualization import plot_label_matrix
+        from lightning_adalabel import plot_label_matrix
 
         figure = plot_label_matrix(learned["alr"], title=f"ALR label matrix, digits, noise {args.noise}, seed 0")
         heatmap = os.path.join(args.out, "alr_label_matrix.png")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_adalabel.module import AdaLabelMixin
+from lightning_adalabel import AdaLabelMixin
 
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["cosine", "linear", "constant"]

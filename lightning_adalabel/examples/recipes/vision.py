@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.transforms import v2
 
-from lightning_adalabel.recipes.classification import ClassificationModule
+from lightning_adalabel.examples.recipes.classification import ClassificationModule
 
 CIFAR_PREFIX = "cifar_"
 
@@ -68,7 +68,7 @@ class ImageClassifier(ClassificationModule):
         mixup_alpha: MixUp's Beta(alpha, alpha) parameter on training batches; 0 turns MixUp off.
         cutmix_alpha: CutMix's Beta(alpha, alpha) parameter on training batches; 0 turns CutMix off.
         **kwargs: optimizer and schedule settings of
-            :class:`~lightning_adalabel.recipes.classification.ClassificationModule` (``lr``,
+            :class:`~lightning_adalabel.examples.recipes.classification.ClassificationModule` (``lr``,
             ``momentum``, ``weight_decay``, ``schedule``, ``warmup_epochs``, ``lr_reference_batch_size``, ...).
 
     MixUp/CutMix run on the device, after the batch is transferred, on training batches only; the resulting

@@ -6,8 +6,8 @@ from typing import Any, List, Optional
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_adalabel.callback import AdaLabel
-from lightning_adalabel.recipes import resolve_config_args
+from lightning_adalabel import AdaLabel
+from lightning_adalabel.examples.recipes import resolve_config_args
 
 
 class AdaLabelCLI(LightningCLI):

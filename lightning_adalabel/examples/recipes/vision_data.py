@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from lightning_adalabel.recipes.data import SplitDataModule, split_indices
+from lightning_adalabel.examples.recipes.data import SplitDataModule, split_indices
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
