@@ -5,6 +5,7 @@ import csv
 import pickle
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 from typing import Dict, List
@@ -244,6 +245,13 @@ loaded = sorted(m for m in sys.modules if m.startswith(("lightning_adalabel.exam
 assert not loaded, loaded
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_recipes_leave_the_warning_filters_alone():
+    """Importing the recipes (done at the top of this file) adds no process-wide warning filter; `adalabel fit`
+    hides Lightning's on_after_batch_transfer warning inside its own run only."""
+    patterns = [getattr(message, "pattern", "") for _, message, *_ in warnings.filters if message is not None]
+    assert not any("on_after_batch_transfer" in pattern for pattern in patterns)
 
 
 # ---- vision ----------------------------------------------------------------------------------------------------

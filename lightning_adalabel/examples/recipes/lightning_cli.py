@@ -1,6 +1,7 @@
 """``AdaLabelCLI``: LightningCLI with the AdaLabel callback as its own argument group (``--adalabel.*``)."""
 
 import sys
+import warnings
 from typing import Any, List, Optional
 
 from jsonargparse import Namespace
@@ -35,7 +36,15 @@ def run(argv: Optional[List[str]] = None) -> AdaLabelCLI:
 
     ``--config`` accepts a shipped recipe's name (``cifar10``) as well as a path.
     """
-    return AdaLabelCLI(
-        args=resolve_config_args(sys.argv[1:] if argv is None else argv),
-        save_config_kwargs={"overwrite": True},  # re-running a recipe into the same folder is the common case
-    )
+    args = resolve_config_args(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        # The image recipes' ImageClassifier mixes batches (MixUp/CutMix) in its own on_after_batch_transfer on
+        # purpose: the mixing belongs to the model's training, not to the data. Lightning would warn about it on
+        # every run with a data module; the filter holds for this run only and leaves the caller's filters alone.
+        warnings.filterwarnings(
+            "ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed"
+        )
+        return AdaLabelCLI(
+            args=args,
+            save_config_kwargs={"overwrite": True},  # re-running a recipe into the same folder is the common case
+        )

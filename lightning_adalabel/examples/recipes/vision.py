@@ -1,7 +1,6 @@
 """Image classification for the recipes: torchvision models, a CIFAR-style ResNet, and MixUp/CutMix batches whose
 probability targets flow into the ALR loss."""
 
-import warnings
 from typing import Any, List, Optional
 
 import torch
@@ -12,10 +11,6 @@ from torchvision.transforms import v2
 from lightning_adalabel.examples.recipes.classification import ClassificationModule
 
 CIFAR_PREFIX = "cifar_"
-
-# ImageClassifier mixes batches in its own on_after_batch_transfer on purpose (the mixing belongs to the model's
-# training, not to the data); Lightning would warn about it on every run with a data module.
-warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule` but have passed")
 
 
 def build_image_model(arch: str, num_classes: int) -> nn.Module:
@@ -74,6 +69,10 @@ class ImageClassifier(ClassificationModule):
     MixUp/CutMix run on the device, after the batch is transferred, on training batches only; the resulting
     probability targets go to ``self.adalabel_loss``, whose loss is linear in the target, so a mixed target
     ``lam * a + (1 - lam) * b`` costs exactly ``lam * loss(a) + (1 - lam) * loss(b)``.
+
+    Lightning warns once per process that this model overrides ``on_after_batch_transfer`` while a data module is
+    passed; that is intended (the mixing belongs to the model's training, not to the data). ``adalabel fit`` hides
+    that one warning for the duration of its run (see :func:`~lightning_adalabel.examples.recipes.lightning_cli.run`).
     """
 
     def __init__(
