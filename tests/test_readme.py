@@ -94,5 +94,7 @@ def test_every_docs_page_is_linked_from_readme_and_index():
     index_links = {(index.parent / t.split("#", 1)[0]).resolve() for t in relative_links(index)}
     pages = [page for page in DOCS if page != index]
     assert pages, "docs/ holds no pages"
-    assert not [page.name for page in pages if page.resolve() not in readme_links], "a docs page is missing from README"
-    assert not [page.name for page in pages if page.resolve() not in index_links], "a docs page is missing from the index"
+    not_in_readme = [page.name for page in pages if page.resolve() not in readme_links]
+    not_in_index = [page.name for page in pages if page.resolve() not in index_links]
+    assert not not_in_readme, f"README.md does not link these docs pages: {not_in_readme}"
+    assert not not_in_index, f"docs/README.md does not link these pages: {not_in_index}"
