@@ -6,6 +6,7 @@ torchvision, so that ``adalabel recipes`` answers without them. The Python code 
 :mod:`~lightning_adalabel.examples.recipes.text`.
 """
 
+import difflib
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -49,6 +50,10 @@ def resolve_recipe(name_or_path: str) -> str:
     Example:
         >>> resolve_recipe("cifar10").endswith("cifar10.yaml")
         True
+        >>> resolve_recipe("cifar11")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: 'cifar11' is neither a config file nor a shipped recipe; did you mean 'cifar10'? Recipes: ...
     """
     if os.path.isfile(name_or_path):
         return name_or_path
@@ -56,8 +61,10 @@ def resolve_recipe(name_or_path: str) -> str:
     recipes = recipe_paths()
     if name in recipes:
         return str(recipes[name])
+    close = difflib.get_close_matches(name, list(recipes), n=1)
+    suggestion = f"did you mean {close[0]!r}? " if close else ""
     raise FileNotFoundError(
-        f"{name_or_path!r} is neither a config file nor a shipped recipe. Recipes: {', '.join(recipes)}"
+        f"{name_or_path!r} is neither a config file nor a shipped recipe; {suggestion}Recipes: {', '.join(recipes)}"
         " (list them with `adalabel recipes`)."
     )
 

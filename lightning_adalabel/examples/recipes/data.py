@@ -48,6 +48,11 @@ class SplitDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
 
+    def check_data_exists(self, stage: str) -> None:
+        """Raise ``FileNotFoundError`` (with what to pass instead) when the files that ``setup(stage)`` reads are
+        missing. ``adalabel fit`` calls it before it builds the Trainer, so that a wrong ``--data.root`` is told in
+        one line rather than after the Trainer's device banner. ``setup`` raises the same errors on its own."""
+
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
         return make_loader(
             dataset, self.batch_size, self.num_workers, train, self.pin_memory, self.persistent_workers,  # type: ignore

@@ -72,13 +72,18 @@ class HashingTokenizer:
         return torch.from_numpy(np.concatenate(ids))
 
 
-def read_labeled_csv(path: str, num_classes: int) -> Tuple[List[str], List[int]]:
-    """Read a ``train.csv``/``test.csv`` file: 0-based labels, and each row's text fields joined by spaces."""
+def check_csv_exists(path: str) -> None:
+    """Raise ``FileNotFoundError``, naming ``--data.root``, when the CSV file ``path`` is missing."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{os.path.abspath(path)} does not exist. Point `--data.root` at the data set's folder, which must hold"
             " train.csv and test.csv (see the README's text-classification layout)."
         )
+
+
+def read_labeled_csv(path: str, num_classes: int) -> Tuple[List[str], List[int]]:
+    """Read a ``train.csv``/``test.csv`` file: 0-based labels, and each row's text fields joined by spaces."""
+    check_csv_exists(path)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # Yahoo! Answers has fields longer than csv's 128 kB default
     texts, labels = [], []
     with open(path, newline="", encoding="utf-8") as file:
@@ -168,6 +173,14 @@ class TextClassificationDataModule(SplitDataModule):
         self.tokenizer = HashingTokenizer(num_buckets, ngrams, max_words)
         self.val_fraction = val_fraction
         self.seed = seed
+
+    def check_data_exists(self, stage: str) -> None:
+        # setup("fit") reads train.csv, and test.csv as well unless validation is held out of train.csv.
+        splits = ["train"] if stage == "fit" else []
+        if stage != "fit" or self.val_fraction == 0:
+            splits.append("test")
+        for split in splits:
+            check_csv_exists(os.path.join(self.root, f"{split}.csv"))
 
     def _read(self, split: str) -> HashedTextDataset:
         texts, labels = read_labeled_csv(os.path.join(self.root, f"{split}.csv"), self.num_classes)

@@ -102,6 +102,10 @@ class CIFAR10DataModule(SplitDataModule):
             for train in (True, False):
                 self.dataset_class(self.root, train=train, download=True)
 
+    def check_data_exists(self, stage: str) -> None:
+        if not self.download:  # with download, prepare_data fetches the files first
+            self._check_files_exist()
+
     def setup(self, stage: str) -> None:
         self._check_files_exist()
         if stage == "fit":
@@ -218,6 +222,11 @@ class ImageNetDataModule(SplitDataModule):
             *_to_normalized_float(self.mean, self.std),
         ])
 
+    def check_data_exists(self, stage: str) -> None:
+        if stage == "fit":
+            self._check_folder(self.train_root, "train_root")
+        self._check_folder(self.val_root, "val_root")
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.train_set = self._image_folder(self.train_root, "train_root", self.train_transform())
@@ -230,11 +239,15 @@ class ImageNetDataModule(SplitDataModule):
             )
 
     @staticmethod
-    def _image_folder(root: str, argument: str, transform: Callable) -> datasets.ImageFolder:
+    def _check_folder(root: str, argument: str) -> None:
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"ImageNet folder {os.path.abspath(root)} does not exist. Set `--data.{argument}` to a folder with one"
                 " sub-folder of images per class (see the README's ImageNet layout)."
             )
+
+    @classmethod
+    def _image_folder(cls, root: str, argument: str, transform: Callable) -> datasets.ImageFolder:
+        cls._check_folder(root, argument)
         return datasets.ImageFolder(root, transform=transform)
 
