@@ -8,12 +8,16 @@ negative log-likelihood and expected calibration error.
 """
 
 import argparse
+import contextlib
 import csv
+import logging
 import math
 import os
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from lightning_adalabel import PRESETS, AdaLabel, AdaLabelMixin
+from lightning_adalabel import PRESETS, AdaLabel, AdaLabelMixin, plot_label_matrix
 
 NUM_CLASSES = 10
 NUM_TRAIN = 1000
@@ -129,11 +133,13 @@ def run_digits(
     progress_bar: bool = True,
     callback: Optional[AdaLabel] = None,
     noise_type: str = "flip",
+    extra_callbacks: Sequence[L.Callback] = (),
     **trainer_overrides: Any,
 ) -> Tuple[RunResult, AdaLabel]:
     """Train :class:`DigitsCNN` with ``callback`` (default ``AdaLabel(preset=method)``) and evaluate it.
 
-    ``noise`` and ``noise_type`` corrupt the training labels as in :func:`load_digits_split`.
+    ``noise`` and ``noise_type`` corrupt the training labels as in :func:`load_digits_split`; ``extra_callbacks``
+    join the AdaLabel callback in the Trainer.
 
     Returns the result row and the callback, whose ``label_matrix`` holds the learned Q.
     """
@@ -148,7 +154,7 @@ def run_digits(
         **{
             "accelerator": "cpu",
             "max_epochs": epochs,
-            "callbacks": [callback],
+            "callbacks": [callback, *extra_callbacks],
             "logger": False,
             "enable_checkpointing": False,
             "enable_model_summary": False,
@@ -205,6 +211,18 @@ def write_csv(path: str, rows: Sequence[Dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def default_out_dir(noise: float, noise_type: str = "flip") -> str:
+    """The demo's output folder when ``--out`` is not given: one per noise setting, so runs do not overwrite each other.
+
+    Example:
+        >>> default_out_dir(0.0), default_out_dir(0.3), default_out_dir(0.125, "symmetric")
+        ('adalabel_demo', 'adalabel_demo_flip30', 'adalabel_demo_symmetric12.5')
+    """
+    if noise == 0:
+        return "adalabel_demo"
+    return f"adalabel_demo_{noise_type}{round(100 * noise, 2):g}"
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="adalabel demo",
@@ -216,37 +234,123 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs per run (default: 30)")
     parser.add_argument("--methods", nargs="+", default=list(DEMO_PRESETS), choices=sorted(PRESETS),
                         help=f"presets to compare (default: {' '.join(DEMO_PRESETS)})")
-    parser.add_argument("--out", default="adalabel_demo", help="output folder for CSVs and the heatmap")
-    parser.add_argument("--no-progress-bar", action="store_true", help="hide Lightning's progress bar")
+    parser.add_argument("--out", default=None,
+                        help="output folder for the CSVs and the heatmap (default: adalabel_demo/ for clean labels,"
+                             " adalabel_demo_flip30/ for --noise 0.3, ...)")
+    parser.add_argument("--no-progress-bar", action="store_true", help="hide the progress bar over the runs")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.epochs < 1:
         parser.error("--seeds and --epochs must be at least 1")
     if not 0.0 <= args.noise < 1.0:
         parser.error(f"--noise must be in [0, 1), got {args.noise}")
+    if args.out is None:
+        args.out = default_out_dir(args.noise)
     return args
+
+
+# Lightning's per-run messages, each printed once per Trainer: 20 runs would bury the table under them.
+NOISY_WARNINGS = (
+    r".*does not have many workers.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*GPU available but not used.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's pytree helper on newer torch
+)
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's INFO messages ("GPU available: ...", "`Trainer.fit` stopped: ...") and its per-run
+    warnings about the tiny in-memory loaders, for the duration of the block only; the logger levels and warning
+    filters are restored afterwards.
+
+    Example:
+        >>> import logging
+        >>> before = logging.getLogger("lightning.pytorch").level
+        >>> with quiet_lightning():
+        ...     logging.getLogger("lightning.pytorch").level == logging.WARNING
+        True
+        >>> logging.getLogger("lightning.pytorch").level == before
+        True
+    """
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for pattern in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+class _EpochProgress(L.Callback):
+    """Advances the demo's single progress bar by one at the end of each training epoch."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.bar.update(1)
+
+
+RUN_HEADER = "| run | method | seed | test accuracy (%) | test NLL | ECE (%) | seconds |\n|---|---|---|---|---|---|---|"
+
+
+def format_run(result: RunResult, index: int, total: int) -> str:
+    """One finished run as a row of the table that the demo fills in as it goes.
+
+    Example:
+        >>> print(format_run(RunResult("alr", 0, 0.0, 0.9912, 0.0456, 0.0123, 3.21), 1, 20))
+        |  1/20 | alr | 0 | 99.12 | 0.046 | 1.23 | 3.2 |
+    """
+    width = len(str(total))
+    return (
+        f"| {index:>{width}}/{total} | {result.method} | {result.seed} | {100 * result.accuracy:.2f}"
+        f" | {result.nll:.3f} | {100 * result.ece:.2f} | {result.seconds:.1f} |"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    grid = [(method, seed) for method in args.methods for seed in range(args.seeds)]
+    print(
+        f"Digits, {NUM_TRAIN} train / 797 test, noise {args.noise}, {args.epochs} epochs, {args.seeds} seed(s)"
+        f" x {len(args.methods)} method(s) -> {args.out}/\n",
+        flush=True,
+    )
+    print(RUN_HEADER, flush=True)
     results: List[RunResult] = []
     learned: Dict[str, Tensor] = {}
-    for method in args.methods:
-        for seed in range(args.seeds):
-            print(f"\n== {method}, seed {seed}, noise {args.noise} ==", flush=True)
-            result, callback = run_digits(method, seed, args.noise, args.epochs, progress_bar=not args.no_progress_bar)
+    # One bar over the whole grid, in epochs; only on a terminal (a log file gets the table rows alone).
+    from tqdm.auto import tqdm
+
+    show_bar = not args.no_progress_bar and sys.stderr.isatty()
+    with quiet_lightning(), tqdm(
+        total=len(grid) * args.epochs, disable=not show_bar, unit="epoch", dynamic_ncols=True, file=sys.stderr,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} epochs [{elapsed}<{remaining}]",
+    ) as bar:
+        for index, (method, seed) in enumerate(grid, start=1):
+            bar.set_description(f"{method}, seed {seed}")
+            result, callback = run_digits(
+                method, seed, args.noise, args.epochs, progress_bar=False, extra_callbacks=[_EpochProgress(bar)]
+            )
             results.append(result)
             if seed == 0 and callback.label_matrix is not None:
                 learned[method] = callback.label_matrix.matrix.cpu()
+            bar.write(format_run(result, index, len(grid)), file=sys.stdout)
+            sys.stdout.flush()
     summary = summarize(results)
     write_csv(os.path.join(args.out, "runs.csv"), [asdict(result) for result in results])
     write_csv(os.path.join(args.out, "summary.csv"), summary)
-    print(f"\nDigits, {NUM_TRAIN} train / 797 test, noise {args.noise}, {args.epochs} epochs, {args.seeds} seed(s):\n")
+    print(f"\nMean ± standard error over {args.seeds} seed(s):\n")
     print(format_table(summary))
     if "alr" in learned:
-        from lightning_adalabel import plot_label_matrix
-
         figure = plot_label_matrix(learned["alr"], title=f"ALR label matrix, digits, noise {args.noise}, seed 0")
         heatmap = os.path.join(args.out, "alr_label_matrix.png")
         figure.savefig(heatmap, dpi=120)
