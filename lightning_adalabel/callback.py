@@ -1,5 +1,6 @@
 """``AdaLabel``: the Lightning callback that owns the label matrix and decides when it is refreshed."""
 
+import math
 import os
 import tempfile
 import uuid
@@ -224,6 +225,27 @@ class AdaLabel(pl.Callback):
                 " optimizer steps), so the label matrix would never be refreshed. Lower refresh_every_n_steps, or"
                 " leave it None to refresh at the end of each training epoch."
             )
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.world_size > 1:
+            self._check_even_ranks(trainer, pl_module)
+
+    def _check_even_ranks(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Every rank must train on the same number of batches: a rank that runs out first would enter the refresh's
+        all-reduce while the others still all-reduce gradients, and the collectives would pair wrongly or hang. The
+        ranks are in step at an epoch's start, so one all-gather of the lengths here is safe (once an epoch)."""
+        batches = trainer.num_training_batches
+        local = torch.tensor([batches if math.isfinite(batches) else -1.0], device=pl_module.device)
+        per_rank = [int(value) for value in trainer.strategy.all_gather(local).reshape(-1).tolist()]
+        if -1 in per_rank or len(set(per_rank)) == 1:
+            return  # unknown lengths (iterable data) cannot be compared in advance; see docs/input_contract.md
+        raise RuntimeError(
+            f"The training processes have different numbers of batches this epoch (per rank: {per_rank}). DDP needs"
+            " the same number on every rank: each step all-reduces the gradients, and AdaLabel's refresh all-reduces"
+            " its statistics. Give every rank a sampler of the same length (e.g. DistributedSampler, which pads the"
+            " shards), or set Trainer(limit_train_batches=...) to the smallest."
+        )
 
     @override
     def on_train_batch_start(
