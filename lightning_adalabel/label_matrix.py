@@ -107,6 +107,10 @@ def _label_matrix_update(
     target = batch.target.argmax(dim=1) if batch.probabilistic else batch.target
     # A row sum is finite iff every entry is (for logits below ~1e35): one reduction, not an M x K boolean mask.
     finite = torch.isfinite(logits.sum(dim=1))
+    if samples == "none":  # Q never changes, but bad targets are still counted for the refresh's error
+        columns = torch.stack([torch.zeros_like(finite), batch.valid, batch.valid & ~finite, batch.invalid], dim=1)
+        accumulator[:, _COUNT:].index_add_(0, target, columns.to(accumulator.dtype))
+        return
     counted = select_samples(logits, target, samples) & finite & batch.valid
     stats = residual_prediction_stats(logits, target, include_diagonal, estimator)
     # where, not a product: rows with NaN/Inf logits have NaN statistics, and 0 * NaN is NaN.
@@ -255,8 +259,6 @@ class LabelMatrix:
 
     def update_batch(self, batch: ClassificationBatch) -> None:
         """Accumulate a batch already formatted by :func:`lightning_adalabel.inputs._format` (the callback's path)."""
-        if self.samples == "none":
-            return
         with torch.no_grad():
             _label_matrix_update(self.accumulator, batch, self.samples, self.estimator, self.include_diagonal)
 

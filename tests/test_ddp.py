@@ -123,3 +123,15 @@ def test_refresh_every_n_steps_without_accumulation_counts_steps(ddp_records):
     for record in ddp_records["alr"]:
         steps = [refresh["global_step"] for refresh in record["refreshes"]]
         assert steps == list(range(every, MAX_EPOCHS * STEPS_PER_EPOCH + 1, every))
+
+
+def test_uneven_ranks_stop_with_a_clear_error_on_every_rank():
+    """Rank 0 with 5 batches an epoch, rank 1 with 4 (a custom sampler): both ranks raise our error at the epoch's
+    start instead of waiting in the refresh's all-reduce until the process group times out (30 minutes)."""
+    script = Path(__file__).parent / "scripts" / "ddp_uneven.py"
+    result = subprocess.run([sys.executable, str(script), "adalabel"], capture_output=True, text=True, timeout=240,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} error: RuntimeError: The training processes have different numbers of batches" \
+               " this epoch (per rank: [5, 4])" in result.stdout, result.stdout + result.stderr[-3000:]

@@ -9,56 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_adalabel import LabelMatrix, initial_label_matrix
+from tests.references import naive_refresh, random_batches
 
 SAMPLE_POLICIES = ("misclassified", "all", "correct")
 ESTIMATORS = ("mean", "geometric")
-
-
-def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagonal):
-    """Q after one refresh over ``batches``, one sample and one class at a time, in float64."""
-    num_classes = len(matrix)
-    sums = [[0.0] * num_classes for _ in range(num_classes)]
-    counts = [0] * num_classes
-    for logits, target in batches:
-        for z, y in zip(logits.tolist(), target.tolist()):
-            prediction = max(range(num_classes), key=lambda j: z[j])  # first maximum, as torch.argmax
-            if samples == "misclassified" and prediction == y or samples == "correct" and prediction != y:
-                continue
-            allowed = [j for j in range(num_classes) if include_diagonal or j != y]
-            top = max(z[j] for j in allowed)
-            normaliser = sum(math.exp(z[j] - top) for j in allowed)
-            for j in allowed:
-                probability = math.exp(z[j] - top) / normaliser
-                sums[y][j] += probability if estimator == "mean" else math.log(probability)
-            counts[y] += 1
-    refreshed = [list(row) for row in matrix.tolist()]
-    for k in range(num_classes):
-        if counts[k] == 0:
-            continue
-        allowed = [j for j in range(num_classes) if include_diagonal or j != k]
-        if estimator == "mean":
-            estimate = {j: sums[k][j] / counts[k] for j in allowed}
-        else:
-            weights = {j: math.exp(sums[k][j] / counts[k]) for j in allowed}
-            estimate = {j: weight / sum(weights.values()) for j, weight in weights.items()}
-        for j in range(num_classes):
-            refreshed[k][j] = (1 - momentum) * refreshed[k][j] + momentum * estimate.get(j, 0.0)
-    return torch.tensor(refreshed, dtype=torch.float64), counts
-
-
-def random_batches(num_classes, seed, num_batches=3, batch_size=12, tied=False, present=None):
-    """Random logits (integer-valued when ``tied``, so arg-max ties are common) and targets from ``present``."""
-    generator = torch.Generator().manual_seed(seed)
-    present = torch.arange(num_classes) if present is None else torch.tensor(present)
-    batches = []
-    for _ in range(num_batches):
-        if tied:
-            logits = torch.randint(-1, 2, (batch_size, num_classes), generator=generator).float()
-        else:
-            logits = 3 * torch.randn(batch_size, num_classes, generator=generator)
-        target = present[torch.randint(0, len(present), (batch_size,), generator=generator)]
-        batches.append((logits, target))
-    return batches
 
 
 @pytest.mark.parametrize(

@@ -8,29 +8,7 @@ import torch.nn.functional as F
 
 from lightning_adalabel import decoupled_loss, initial_label_matrix, mixed_loss, residual_cross_entropy
 from lightning_adalabel.losses import adalabel_loss
-
-
-def random_residual_matrix(num_classes, seed=0, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    matrix = torch.rand(num_classes, num_classes, generator=generator, dtype=dtype).fill_diagonal_(0)
-    return matrix / matrix.sum(dim=1, keepdim=True)
-
-
-def naive_residual_ce(logits, target, matrix):
-    """Mean over samples of -sum_{j != y} Q[y, j] log p_res_j, one sample and one class at a time."""
-    total = 0.0
-    for z, y in zip(logits.tolist(), target.tolist()):
-        normaliser = sum(math.exp(z[j]) for j in range(len(z)) if j != y)
-        total -= sum(matrix[y][j].item() * (z[j] - math.log(normaliser)) for j in range(len(z)) if j != y)
-    return total / len(target)
-
-
-def naive_soft_ce(logits, soft_targets):
-    total = 0.0
-    for z, t in zip(logits.tolist(), soft_targets.tolist()):
-        log_normaliser = math.log(sum(math.exp(value) for value in z))
-        total -= sum(t_j * (z_j - log_normaliser) for t_j, z_j in zip(t, z))
-    return total / len(logits)
+from tests.references import naive_residual_ce, naive_soft_ce, random_residual_matrix
 
 
 @pytest.mark.parametrize("num_classes", [2, 5, 11])

@@ -1,0 +1,120 @@
+"""Naive references the tests compare the package against: Python loops over samples and classes, the math
+module, float64. Written for clarity, never for speed; nothing here imports the code under test."""
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+def random_residual_matrix(num_classes, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.rand(num_classes, num_classes, generator=generator, dtype=dtype).fill_diagonal_(0)
+    return matrix / matrix.sum(dim=1, keepdim=True)
+
+
+def naive_residual_ce(logits, target, matrix):
+    """Mean over samples of -sum_{j != y} Q[y, j] log p_res_j, one sample and one class at a time."""
+    total = 0.0
+    for z, y in zip(logits.tolist(), target.tolist()):
+        normaliser = sum(math.exp(z[j]) for j in range(len(z)) if j != y)
+        total -= sum(matrix[y][j].item() * (z[j] - math.log(normaliser)) for j in range(len(z)) if j != y)
+    return total / len(target)
+
+
+def naive_soft_ce(logits, soft_targets):
+    total = 0.0
+    for z, t in zip(logits.tolist(), soft_targets.tolist()):
+        log_normaliser = math.log(sum(math.exp(value) for value in z))
+        total -= sum(t_j * (z_j - log_normaliser) for t_j, z_j in zip(t, z))
+    return total / len(logits)
+
+
+def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagonal):
+    """Q after one refresh over ``batches``, one sample and one class at a time, in float64."""
+    num_classes = len(matrix)
+    sums = [[0.0] * num_classes for _ in range(num_classes)]
+    counts = [0] * num_classes
+    for logits, target in batches:
+        for z, y in zip(logits.tolist(), target.tolist()):
+            prediction = max(range(num_classes), key=lambda j: z[j])  # first maximum, as torch.argmax
+            if samples == "misclassified" and prediction == y or samples == "correct" and prediction != y:
+                continue
+            allowed = [j for j in range(num_classes) if include_diagonal or j != y]
+            top = max(z[j] for j in allowed)
+            normaliser = sum(math.exp(z[j] - top) for j in allowed)
+            for j in allowed:
+                probability = math.exp(z[j] - top) / normaliser
+                sums[y][j] += probability if estimator == "mean" else math.log(probability)
+            counts[y] += 1
+    refreshed = [list(row) for row in matrix.tolist()]
+    for k in range(num_classes):
+        if counts[k] == 0:
+            continue
+        allowed = [j for j in range(num_classes) if include_diagonal or j != k]
+        if estimator == "mean":
+            estimate = {j: sums[k][j] / counts[k] for j in allowed}
+        else:
+            weights = {j: math.exp(sums[k][j] / counts[k]) for j in allowed}
+            estimate = {j: weight / sum(weights.values()) for j, weight in weights.items()}
+        for j in range(num_classes):
+            refreshed[k][j] = (1 - momentum) * refreshed[k][j] + momentum * estimate.get(j, 0.0)
+    return torch.tensor(refreshed, dtype=torch.float64), counts
+
+
+def random_batches(num_classes, seed, num_batches=3, batch_size=12, tied=False, present=None):
+    """Random logits (integer-valued when ``tied``, so arg-max ties are common) and targets from ``present``."""
+    generator = torch.Generator().manual_seed(seed)
+    present = torch.arange(num_classes) if present is None else torch.tensor(present)
+    batches = []
+    for _ in range(num_batches):
+        if tied:
+            logits = torch.randint(-1, 2, (batch_size, num_classes), generator=generator).float()
+        else:
+            logits = 3 * torch.randn(batch_size, num_classes, generator=generator)
+        target = present[torch.randint(0, len(present), (batch_size,), generator=generator)]
+        batches.append((logits, target))
+    return batches
+
+
+def positions(logits: torch.Tensor, target: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+    """``(M, K)`` logits and ``(M,)`` (or ``(M, K)``) targets, one row per position, in torch's flattening order."""
+    num_classes = logits.shape[1]
+    flat_logits = logits.movedim(1, -1).reshape(-1, num_classes)
+    if target.is_floating_point():
+        return flat_logits, target.movedim(1, -1).reshape(-1, num_classes)
+    return flat_logits, target.reshape(-1)
+
+
+def naive_position_loss(z: Sequence[float], y: int, matrix: Sequence[Sequence[float]], mode: str, alpha: float) -> float:
+    """The loss of one position with class index ``y``: CE, CE + alpha * residual CE, or the mixed soft-target CE."""
+    num_classes = len(z)
+    log_normaliser = math.log(sum(math.exp(value) for value in z))
+    hard = log_normaliser - z[y]
+    if mode == "ce":
+        return hard
+    if mode == "decoupled":
+        residual_normaliser = math.log(sum(math.exp(z[j]) for j in range(num_classes) if j != y))
+        residual = -sum(matrix[y][j] * (z[j] - residual_normaliser) for j in range(num_classes) if j != y)
+        return hard + alpha * residual
+    soft = -sum(matrix[y][j] * (z[j] - log_normaliser) for j in range(num_classes))
+    return (1 - alpha) * hard + alpha * soft
+
+
+def naive_loss(
+    logits: torch.Tensor, target: torch.Tensor, matrix: torch.Tensor, mode: str, alpha: float,
+    ignore_index: int = -100, reduction: str = "mean",
+) -> "float | List[float]":
+    """torch's contract by hand: every position a sample, ``ignore_index`` positions 0 and out of the mean."""
+    flat_logits, flat_target = positions(logits.double(), target)
+    q = matrix.double().tolist()
+    losses, kept = [], 0
+    for z, y in zip(flat_logits.tolist(), flat_target.tolist()):
+        if y == ignore_index:
+            losses.append(0.0)
+            continue
+        losses.append(naive_position_loss(z, int(y), q, mode, alpha))
+        kept += 1
+    if reduction == "none":
+        return losses
+    total = sum(losses)
+    return total if reduction == "sum" else (total / kept if kept else float("nan"))
