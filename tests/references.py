@@ -6,9 +6,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-def random_residual_matrix(num_classes, seed=0, dtype=torch.float32):
+def random_residual_matrix(num_classes, seed=0, dtype=torch.float32, include_diagonal=False):
+    """A random label matrix: rows sum to 1, zero diagonal unless ``include_diagonal``."""
     generator = torch.Generator().manual_seed(seed)
-    matrix = torch.rand(num_classes, num_classes, generator=generator, dtype=dtype).fill_diagonal_(0)
+    matrix = torch.rand(num_classes, num_classes, generator=generator, dtype=dtype)
+    if not include_diagonal:
+        matrix.fill_diagonal_(0)
     return matrix / matrix.sum(dim=1, keepdim=True)
 
 
@@ -36,6 +39,8 @@ def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagona
     counts = [0] * num_classes
     for logits, target in batches:
         for z, y in zip(logits.tolist(), target.tolist()):
+            if not all(math.isfinite(value) for value in z):
+                continue  # rows with NaN/Inf logits never enter the statistics
             prediction = max(range(num_classes), key=lambda j: z[j])  # first maximum, as torch.argmax
             if samples == "misclassified" and prediction == y or samples == "correct" and prediction != y:
                 continue
@@ -85,15 +90,20 @@ def positions(logits: torch.Tensor, target: torch.Tensor) -> "tuple[torch.Tensor
     return flat_logits, target.reshape(-1)
 
 
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(value - top) for value in values))
+
+
 def naive_position_loss(z: Sequence[float], y: int, matrix: Sequence[Sequence[float]], mode: str, alpha: float) -> float:
     """The loss of one position with class index ``y``: CE, CE + alpha * residual CE, or the mixed soft-target CE."""
     num_classes = len(z)
-    log_normaliser = math.log(sum(math.exp(value) for value in z))
+    log_normaliser = _logsumexp(z)
     hard = log_normaliser - z[y]
     if mode == "ce":
         return hard
     if mode == "decoupled":
-        residual_normaliser = math.log(sum(math.exp(z[j]) for j in range(num_classes) if j != y))
+        residual_normaliser = _logsumexp([z[j] for j in range(num_classes) if j != y])
         residual = -sum(matrix[y][j] * (z[j] - residual_normaliser) for j in range(num_classes) if j != y)
         return hard + alpha * residual
     soft = -sum(matrix[y][j] * (z[j] - log_normaliser) for j in range(num_classes))
@@ -109,6 +119,10 @@ def naive_loss(
     q = matrix.double().tolist()
     losses, kept = [], 0
     for z, y in zip(flat_logits.tolist(), flat_target.tolist()):
+        if isinstance(y, list):  # probability targets: the loss is linear in the target, mix the per-class losses
+            losses.append(sum(t_k * naive_position_loss(z, k, q, mode, alpha) for k, t_k in enumerate(y) if t_k))
+            kept += 1
+            continue
         if y == ignore_index:
             losses.append(0.0)
             continue
@@ -117,4 +131,6 @@ def naive_loss(
     if reduction == "none":
         return losses
     total = sum(losses)
+    if target.is_floating_point():
+        kept = len(losses)  # torch divides by every position for probability targets
     return total if reduction == "sum" else (total / kept if kept else float("nan"))

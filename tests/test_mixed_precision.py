@@ -1,6 +1,6 @@
 """Reduced precision and non-finite logits: bf16-mixed training, float32 losses and statistics, huge logits, NaN/Inf.
 
-References are naive float64 loops over samples, written from the method's definitions (DESIGN.md 1.2 to 1.4).
+References are the naive float64 loops of tests/references.py, written from the method's definitions.
 """
 
 import warnings
@@ -13,65 +13,9 @@ import torch
 from lightning_adalabel import AdaLabel, LabelMatrix, initial_label_matrix
 from lightning_adalabel.losses import LOSS_MODES, adalabel_loss
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
+from tests.references import naive_loss, naive_refresh, random_residual_matrix
 
 K = 5
-
-
-# ---- naive references ----------------------------------------------------------------------------------------
-
-
-def naive_loss(
-    logits: torch.Tensor, target: torch.Tensor, matrix: torch.Tensor, mode: str, alpha: float
-) -> torch.Tensor:
-    """The loss of DESIGN.md 1.4 in float64, one sample and one class at a time."""
-    logits, matrix = logits.double(), matrix.double()
-    probs = target.double() if target.is_floating_point() else torch.nn.functional.one_hot(target, K).double()
-    total = torch.zeros((), dtype=torch.float64)
-    for z, t in zip(logits, probs):
-        log_p = z.log_softmax(0)
-        for k in range(K):  # the loss is linear in the target: mix the per-class losses
-            if t[k] == 0:
-                continue
-            ce = -log_p[k]
-            if mode == "ce":
-                loss = ce
-            elif mode == "mixed":
-                loss = (1 - alpha) * ce - alpha * (matrix[k] * log_p).sum()
-            else:
-                log_p_res = torch.cat([z[:k], z[k + 1:]]).log_softmax(0)
-                loss = ce - alpha * (torch.cat([matrix[k, :k], matrix[k, k + 1:]]) * log_p_res).sum()
-            total = total + t[k] * loss
-    return total / len(logits)
-
-
-def naive_refresh(matrix: torch.Tensor, batches: List[Tuple[torch.Tensor, torch.Tensor]], samples: str,
-                  include_diagonal: bool = False) -> torch.Tensor:
-    """Mean residual prediction per class over the finite, selected samples (momentum 1); other rows unchanged."""
-    sums, counts = torch.zeros(K, K, dtype=torch.float64), torch.zeros(K)
-    for logits, target in batches:
-        for z, y in zip(logits.double(), target):
-            if not torch.isfinite(z).all():
-                continue
-            correct = bool(z.argmax() == y)
-            if (samples == "misclassified" and correct) or (samples == "correct" and not correct):
-                continue
-            masked = z.clone()
-            if not include_diagonal:
-                masked[y] = float("-inf")
-            sums[y] += masked.softmax(0)
-            counts[y] += 1
-    refreshed = matrix.double().clone()
-    for k in range(K):
-        if counts[k] > 0:
-            refreshed[k] = sums[k] / counts[k]
-    return refreshed.float()
-
-
-def random_residual_matrix(include_diagonal: bool = False, seed: int = 0) -> torch.Tensor:
-    matrix = torch.rand(K, K, generator=torch.Generator().manual_seed(seed)) + 0.1
-    if not include_diagonal:
-        matrix.fill_diagonal_(0.0)
-    return matrix / matrix.sum(1, keepdim=True)
 
 
 def huge_logits(dtype: torch.dtype) -> torch.Tensor:
@@ -91,7 +35,7 @@ TARGETS = {
 
 def loss_matrix(mode: str) -> torch.Tensor:
     # The mixed loss also runs with a diagonal (OLS); the decoupled one needs a residual matrix.
-    return random_residual_matrix(include_diagonal=mode == "mixed")
+    return random_residual_matrix(K, include_diagonal=mode == "mixed")
 
 
 # ---- losses and statistics in float32 --------------------------------------------------------------------------
@@ -108,7 +52,7 @@ def test_losses_are_float32_under_autocast(mode, target_kind, autocast_dtype):
         loss = adalabel_loss(logits, target, matrix, mode, 0.4)
     assert loss.dtype == torch.float32
     # Autocast would run matrix products in bf16/fp16 (3 significant digits); the losses must not let it.
-    expected = naive_loss(logits.detach(), target, matrix, mode, 0.4)
+    expected = torch.tensor(naive_loss(logits.detach(), target, matrix, mode, 0.4), dtype=torch.float64)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
     loss.backward()
     assert logits.grad.dtype == torch.float32 and torch.isfinite(logits.grad).all()
@@ -125,7 +69,7 @@ def test_huge_low_precision_logits_give_finite_losses(mode, target_kind, dtype, 
     with torch.autocast("cpu", dtype=dtype, enabled=autocast):
         loss = adalabel_loss(logits, target, matrix, mode, 0.4)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    expected = naive_loss(logits.detach(), target, matrix, mode, 0.4)
+    expected = torch.tensor(naive_loss(logits.detach(), target, matrix, mode, 0.4), dtype=torch.float64)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-2)
     loss.backward()
     assert torch.isfinite(logits.grad).all()
@@ -151,7 +95,8 @@ def test_huge_low_precision_logits_give_finite_statistics(dtype, samples, estima
         assert (matrix.matrix.diagonal() == 0).all()
     if estimator == "mean":
         batches = [(logits, target), (logits, TARGETS["prob"].argmax(1))]
-        expected = naive_refresh(initial_label_matrix(K, include_diagonal), batches, samples, include_diagonal)
+        expected = naive_refresh(initial_label_matrix(K, include_diagonal), batches, samples, "mean", 1.0,
+                                 include_diagonal)[0].float()
         torch.testing.assert_close(matrix.matrix, expected, rtol=0, atol=1e-6)
 
 
@@ -270,7 +215,7 @@ def test_nonfinite_logits_are_counted_logged_and_warned_at_refresh():
     matrix = adalabel.label_matrix.matrix
     assert torch.isfinite(matrix).all()
     assert torch.isfinite(model.net.weight).all()
-    expected = naive_refresh(initial_label_matrix(K), model.seen, samples="all")
+    expected = naive_refresh(initial_label_matrix(K), model.seen, "all", "mean", 1.0, False)[0].float()
     torch.testing.assert_close(matrix, expected, rtol=0, atol=1e-6)
 
 
