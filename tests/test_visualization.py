@@ -189,7 +189,7 @@ def test_only_global_rank_zero_writes(tmp_path):
 def test_bad_logging_options_fail_early():
     with pytest.raises(ValueError, match="3 `class_names` for 5 classes"):
         AdaLabel(num_classes=5, class_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="`top_pairs` must be a non-negative integer"):
+    with pytest.raises(ValueError, match="`top_pairs` must be an integer >= 0"):
         AdaLabel(top_pairs=-1)
 
 
