@@ -35,7 +35,7 @@ def plot_label_matrix(
     entry from the confusions: its cells are outlined.
 
     The figure is not attached to pyplot (no global state, nothing to close). In Jupyter it displays as an image
-    once the inline backend is active (``%matplotlib inline``, or any ``import matplotlib.pyplot``).
+    once IPython's inline backend has registered its figure formatter: run ``%matplotlib inline`` first.
 
     Args:
         matrix: the label matrix, e.g. ``callback.label_matrix.matrix``.
