@@ -4,6 +4,7 @@ import math
 import os
 import tempfile
 import uuid
+import weakref
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -117,6 +118,7 @@ class AdaLabel(pl.Callback):
         # in the launching process (see `label_matrix`).
         self._owner_pid = os.getpid()
         self._spawned_state_path = os.path.join(tempfile.gettempdir(), f"lightning_adalabel-{uuid.uuid4().hex}.pt")
+        weakref.finalize(self, _remove_owned_file, self._spawned_state_path, self._owner_pid)
 
     def _initial_matrix(self, initial_matrix: Union[Tensor, str, "os.PathLike[str]", None]) -> Optional[Tensor]:
         if initial_matrix is None:
@@ -204,6 +206,8 @@ class AdaLabel(pl.Callback):
                 " loss with `self.adalabel_loss(logits, y)`."
             )
         pl_module._adalabel_callback = self
+        # A process forked for this fit (ddp_notebook) continues from the state the previous spawned fit left.
+        self._collect_spawned_state()
         if stage == "fit":
             self._start_fit()
 
@@ -373,16 +377,28 @@ class AdaLabel(pl.Callback):
         self._statistics_epoch = state_dict["statistics_epoch"]
 
     def _collect_spawned_state(self) -> None:
-        """In the launching process of ddp_spawn/ddp_notebook, take over the state that rank 0 left after fit."""
-        if os.getpid() == self._owner_pid and os.path.exists(self._spawned_state_path):
+        """Take over the state that rank 0 of a ddp_spawn/ddp_notebook fit left (in the launching process, or in
+        the processes of the next such fit); only the launching process deletes the file."""
+        try:
             state = torch.load(self._spawned_state_path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            return
+        if os.getpid() == self._owner_pid:
             os.remove(self._spawned_state_path)
-            self.load_state_dict(state)
+        self.load_state_dict(state)
 
     def __getstate__(self) -> Dict[str, Any]:
+        # Pickled for the processes of a ddp_spawn fit: bring along what the previous spawned fit learned.
+        self._collect_spawned_state()
         state = self.__dict__.copy()
         state["_pending"] = []  # batches of an unfinished step are not state
         return state
+
+
+def _remove_owned_file(path: str, owner_pid: int) -> None:
+    """Delete a hand-over file nobody read, when the callback that owns it goes away (never from a child)."""
+    if os.getpid() == owner_pid and os.path.exists(path):
+        os.remove(path)
 
 
 def _to_cpu(state: Any) -> Any:

@@ -337,17 +337,18 @@ def test_alr_trains_with_weight_averaging(make_averaging):
 
 
 def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process():
-    callback = AdaLabel()
-    trainer = L.Trainer(
-        **trainer_kwargs(callbacks=[callback], devices=2, strategy="ddp_spawn", max_epochs=2)
-    )
-    trainer.fit(TinyClassifier(), make_loader(num_samples=64, batch_size=8))
-    hand_over = callback._spawned_state_path
-    assert os.path.exists(hand_over)  # written by rank 0, not read yet
+    callback, model = AdaLabel(), TinyClassifier()
+    for max_epochs in (2, 1):  # a second spawned fit continues from the first's Q, read in between or not
+        trainer = L.Trainer(
+            **trainer_kwargs(callbacks=[callback], devices=2, strategy="ddp_spawn", max_epochs=max_epochs)
+        )
+        trainer.fit(model, make_loader(num_samples=64, batch_size=8))
+        hand_over = callback._spawned_state_path
+        assert os.path.exists(hand_over)  # written by rank 0, not read yet
     engine = callback.label_matrix
     assert engine is not None
     assert not os.path.exists(hand_over)  # read once, then removed
-    assert engine.num_refreshes == 2
+    assert engine.num_refreshes == 3
     assert not torch.equal(engine.matrix, initial_label_matrix(K))
     assert_valid_residual(engine.matrix)
     assert callback.label_matrix is engine  # reading it again changes nothing
