@@ -102,3 +102,37 @@ def test_console_command_prints_no_traceback(tmp_path):
         f"adalabel: error: {Path(tmp_path) / 'train.csv'} does not exist. Point `--data.root` at the data set's folder,"
         " which must hold train.csv and test.csv (see the README's text-classification layout)."
     )
+
+
+BLOCK_TORCHVISION = """
+import sys
+from lightning_adalabel.examples.cli import main  # Lightning and torchmetrics first: they may use torchvision
+
+class NoTorchvision:  # `import torchvision` now fails as it does where torchvision is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchvision":
+            raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+
+for name in [name for name in sys.modules if name.split(".")[0] == "torchvision"]:
+    del sys.modules[name]
+sys.meta_path.insert(0, NoTorchvision())
+sys.exit(main(["fit", "--config", "cifar10"]))
+"""
+
+
+def test_missing_torchvision_names_the_extra(tmp_path):
+    code = BLOCK_TORCHVISION
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "adalabel: error: cannot use lightning_adalabel.examples.recipes.vision.ImageClassifier for --model:"
+        """ No module named 'torchvision' (pip install "lightning-adalabel[recipes]")"""
+    ]
+
+
+def test_missing_model_says_to_pass_a_recipe(capsys):
+    assert main(["fit"]) == 2
+    assert error_line(capsys) == (
+        "adalabel: error: the following arguments are required: fit.model; pass --config <recipe name or YAML file>"
+        " (list the recipes with `adalabel recipes`)"
+    )

@@ -99,6 +99,9 @@ def explain_parse_error(message: str, known_options: Iterable[str] = ()) -> str:
         "invalid value 'alrr' for --adalabel.preset; choose one of: alr, ols"
         >>> explain_parse_error('Parser key "trainer.max_epochs":\\n  Expected a <class \\'int\\'>. Got value: 1.5')
         "invalid value '1.5' for --trainer.max_epochs: expected int"
+        >>> explain_parse_error("Parser key \"model\":\\n  - Problem with given class_path 'a.B':\\n"
+        ...                     "      No module named 'torchvision'\\n  Given value: {}")
+        "cannot use a.B for --model: No module named 'torchvision'"
     """
     known = list(known_options)
     unrecognized = re.match(r"unrecognized arguments: (.*)", message, re.S)
@@ -120,6 +123,9 @@ def explain_parse_error(message: str, known_options: Iterable[str] = ()) -> str:
         option = f"--{key.group(1)}.{name}"
         hint = f"; did you mean --{key.group(1)}.{close[0]}?" if close else ""
         return f"unknown option {option} for {class_path.rsplit('.', 1)[-1]}{hint}"
+    problem = re.search(r"Problem with given class_path '([\w.]+)':\s*(.+)", message)
+    if key and problem:  # e.g. the class's module cannot be imported
+        return f"cannot use {problem.group(1)} for --{key.group(1)}: {problem.group(2).strip()}"
     if key and value:
         option, got = f"--{key.group(1)}", value.group(1).strip()
         literal = re.search(r"Expected a typing\.Literal\[(.*?)\]", message)
@@ -129,7 +135,10 @@ def explain_parse_error(message: str, known_options: Iterable[str] = ()) -> str:
         types = [name.replace("NoneType", "null") for name in re.findall(r"Expected a <class '([\w.]+)'>", message)]
         if types:
             return f"invalid value {got!r} for {option}: expected {' or '.join(dict.fromkeys(types))}"
-    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+    text = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    if text.startswith("the following arguments are required") and ".model" in text:
+        text += "; pass --config <recipe name or YAML file> (list the recipes with `adalabel recipes`)"
+    return text
 
 
 def run(argv: Optional[List[str]] = None) -> AdaLabelCLI:
