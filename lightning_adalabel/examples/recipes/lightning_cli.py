@@ -99,7 +99,7 @@ def explain_parse_error(message: str, known_options: Iterable[str] = ()) -> str:
         "invalid value 'alrr' for --adalabel.preset; choose one of: alr, ols"
         >>> explain_parse_error('Parser key "trainer.max_epochs":\\n  Expected a <class \\'int\\'>. Got value: 1.5')
         "invalid value '1.5' for --trainer.max_epochs: expected int"
-        >>> explain_parse_error("Parser key \"model\":\\n  - Problem with given class_path 'a.B':\\n"
+        >>> explain_parse_error('Parser key "model":\\n  - Problem with given class_path \\'a.B\\':\\n'
         ...                     "      No module named 'torchvision'\\n  Given value: {}")
         "cannot use a.B for --model: No module named 'torchvision'"
     """
