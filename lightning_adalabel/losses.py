@@ -39,8 +39,9 @@ def _logsumexp_without_each_class(logits: Tensor) -> Tensor:
 def _soft_labels(target: Tensor, label_matrix: Tensor) -> Tensor:
     """``Q[y]`` for class indices, ``y @ Q`` for probabilities (float32 at least)."""
     if target.is_floating_point():
+        target = _at_least_float32(target)
         with torch.autocast(target.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
-            return _at_least_float32(target) @ _at_least_float32(label_matrix)
+            return target @ label_matrix.to(target.dtype)  # a float64 target meets the engine's float32 Q
     return _at_least_float32(label_matrix)[target]
 
 
@@ -51,7 +52,7 @@ def _hard_cross_entropy_per_sample(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def _residual_cross_entropy_per_sample(logits: Tensor, target: Tensor, residual_labels: Tensor) -> Tensor:
-    residual_labels = _at_least_float32(residual_labels)
+    residual_labels = residual_labels.to(logits.dtype)  # float64 logits meet the engine's float32 Q
     if target.is_floating_point():
         # -sum_j Q[k,j] (z_j - lse_{-k}) = lse_{-k} - (z Q^T)_k for a zero-diagonal Q with rows summing to 1.
         lse_without = _logsumexp_without_each_class(logits)
