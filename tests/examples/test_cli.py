@@ -100,7 +100,7 @@ def test_console_command_prints_no_traceback(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     assert result.stderr.splitlines()[-1] == (
         f"adalabel: error: {Path(tmp_path) / 'train.csv'} does not exist. Point `--data.root` at the data set's folder,"
-        " which must hold train.csv and test.csv (see the README's text-classification layout)."
+        " which must hold train.csv and test.csv (see the text-classification layout in docs/recipes.md)."
     )
 
 

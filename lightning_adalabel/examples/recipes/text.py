@@ -77,7 +77,7 @@ def check_csv_exists(path: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{os.path.abspath(path)} does not exist. Point `--data.root` at the data set's folder, which must hold"
-            " train.csv and test.csv (see the README's text-classification layout)."
+            " train.csv and test.csv (see the text-classification layout in docs/recipes.md)."
         )
 
 

@@ -243,7 +243,7 @@ class ImageNetDataModule(SplitDataModule):
         if not os.path.isdir(root):
             raise FileNotFoundError(
                 f"ImageNet folder {os.path.abspath(root)} does not exist. Set `--data.{argument}` to a folder with one"
-                " sub-folder of images per class (see the README's ImageNet layout)."
+                " sub-folder of images per class (see the ImageNet layout in docs/recipes.md)."
             )
 
     @classmethod
