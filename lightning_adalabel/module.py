@@ -1,11 +1,16 @@
 """``AdaLabelMixin``: gives a LightningModule the ALR loss; the AdaLabel callback supplies the label matrix."""
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import Any, Dict, Optional
 
 from torch import Tensor
+from typing_extensions import Protocol
 
-if TYPE_CHECKING:  # the callback imports this module; the mixin only needs the callback's type
-    from lightning_adalabel.callback import AdaLabel
+
+class _LossOwner(Protocol):
+    """What the mixin needs of :class:`~lightning_adalabel.AdaLabel`: the callback imports this module, so the mixin
+    names only the one method it calls."""
+
+    def loss(self, pl_module: Any, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor: ...
 
 
 class AdaLabelMixin:
@@ -16,7 +21,7 @@ class AdaLabelMixin:
     """
 
     # Set by AdaLabel.setup. A plain attribute, not a buffer: Q must not be broadcast by DDP on every forward.
-    _adalabel_callback: Optional["AdaLabel"] = None
+    _adalabel_callback: Optional[_LossOwner] = None
 
     def adalabel_loss(self, logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         """The training loss of the attached AdaLabel callback's preset, with ``F.cross_entropy``'s contract.
@@ -35,7 +40,7 @@ class AdaLabelMixin:
                 f"{type(self).__name__}.adalabel_loss needs the AdaLabel callback: pass `callbacks=[AdaLabel()]` to"
                 " the Trainer (it supplies the label matrix)."
             )
-        return callback.loss(self, logits, target, reduction)  # type: ignore[arg-type]
+        return callback.loss(self, logits, target, reduction)
 
     def on_fit_start(self) -> None:
         trainer = self.trainer  # type: ignore[attr-defined]
