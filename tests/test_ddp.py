@@ -20,15 +20,20 @@ ACCUMULATOR_SHAPE = (NUM_CLASSES, NUM_CLASSES + 4)  # K sums and 4 counts (label
 STEPS_PER_EPOCH = NUM_SAMPLES // GLOBAL_BATCH
 
 
+def launch_env() -> Dict[str, str]:
+    """This process's environment without what an earlier in-process DDP run left in it (a port that may still be
+    taken, ranks): the launched script picks its own."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+
+
 @pytest.fixture(scope="module")
 def ddp_records(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, list]:
     """``{config: [rank 0 record, rank 1 record]}`` from one 2-process DDP launch of every config."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)], cwd=SCRIPT.parents[2], env=env, capture_output=True, text=True,
-        timeout=300,
+        [sys.executable, str(SCRIPT), str(out)], cwd=SCRIPT.parents[2], env=launch_env(), capture_output=True,
+        text=True, timeout=300,
     )
     assert result.returncode == 0, f"DDP script failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return {
@@ -130,7 +135,7 @@ def test_uneven_ranks_stop_with_a_clear_error_on_every_rank():
     start instead of waiting in the refresh's all-reduce until the process group times out (30 minutes)."""
     script = Path(__file__).parent / "scripts" / "ddp_uneven.py"
     result = subprocess.run([sys.executable, str(script), "adalabel"], capture_output=True, text=True, timeout=240,
-                            cwd=Path(__file__).resolve().parents[1])
+                            cwd=Path(__file__).resolve().parents[1], env=launch_env())
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"rank {rank} error: RuntimeError: The training processes have different numbers of batches" \
