@@ -336,9 +336,11 @@ def test_alr_trains_with_weight_averaging(make_averaging):
 # ---- 5. ddp_spawn --------------------------------------------------------------------------------------------
 
 
-def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process():
+def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process(monkeypatch):
     callback, model = AdaLabel(), TinyClassifier()
     for max_epochs in (2, 1):  # a second spawned fit continues from the first's Q, read in between or not
+        # An earlier in-process DDP test may still hold the port it left in MASTER_PORT: let Lightning pick a free one.
+        monkeypatch.delenv("MASTER_PORT", raising=False)
         trainer = L.Trainer(
             **trainer_kwargs(callbacks=[callback], devices=2, strategy="ddp_spawn", max_epochs=max_epochs)
         )
