@@ -29,7 +29,8 @@ def check_int(name: str, value: Any, minimum: int, allow_none: bool = False, hin
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}{' or None' if allow_none else ''}, got {value!r}.{hint}")
+        allowed = " or None" if allow_none else ""
+        raise ValueError(f"`{name}` must be an integer >= {minimum}{allowed}, got {value!r}.{hint}")
 
 
 def check_bool(name: str, value: Any, allow_none: bool = False) -> None:

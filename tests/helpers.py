@@ -1,6 +1,6 @@
 """Small models and data shared by the tests: real modules, real loaders, nothing mocked."""
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import lightning as L
 import torch
@@ -50,3 +50,26 @@ def trainer_kwargs(**overrides: Any) -> Dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def fit(
+    callbacks: Union[L.Callback, List[L.Callback]],
+    model: Optional[L.LightningModule] = None,
+    loader: Optional[DataLoader] = None,
+    ckpt_path: Optional[str] = None,
+    **overrides: Any,
+) -> Tuple[L.Trainer, L.LightningModule]:
+    """One real ``Trainer.fit`` with :func:`trainer_kwargs` (one epoch unless ``max_epochs`` is overridden)."""
+    model = model if model is not None else TinyClassifier()
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    trainer = L.Trainer(**trainer_kwargs(callbacks=callbacks, **overrides))
+    trainer.fit(model, loader if loader is not None else make_loader(), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def learned_matrix(num_classes: int = 5, seed: int = 0) -> torch.Tensor:
+    """A valid residual label matrix that is clearly not uniform."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.rand(num_classes, num_classes, generator=generator) ** 4
+    matrix.fill_diagonal_(0.0)
+    return matrix / matrix.sum(dim=1, keepdim=True)

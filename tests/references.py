@@ -2,7 +2,7 @@
 module, float64. Written for clarity, never for speed; nothing here imports the code under test."""
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -95,7 +95,9 @@ def _logsumexp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(value - top) for value in values))
 
 
-def naive_position_loss(z: Sequence[float], y: int, matrix: Sequence[Sequence[float]], mode: str, alpha: float) -> float:
+def naive_position_loss(
+    z: Sequence[float], y: int, matrix: Sequence[Sequence[float]], mode: str, alpha: float
+) -> float:
     """The loss of one position with class index ``y``: CE, CE + alpha * residual CE, or the mixed soft-target CE."""
     num_classes = len(z)
     log_normaliser = _logsumexp(z)

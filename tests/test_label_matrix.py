@@ -1,7 +1,6 @@
 """The engine against a naive per-sample, per-class reference written with Python loops and the math module."""
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -164,7 +163,8 @@ def test_bad_configuration_is_a_clear_error(kwargs, message):
     "logits, target, message",
     [
         (torch.randn(4, 5), torch.zeros(4, dtype=torch.long), r"Expected logits with num_classes=3 on dim 1"),
-        (torch.randn(4, 3), torch.zeros(5, dtype=torch.long), r"targets for logits of shape \(4, 3\) must have shape \(4,\)"),
+        (torch.randn(4, 3), torch.zeros(5, dtype=torch.long),
+         r"targets for logits of shape \(4, 3\) must have shape \(4,\)"),
         (torch.randn(4, 3), torch.rand(4, 2), "Probability targets must have the logits' shape"),
     ],
 )

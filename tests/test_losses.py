@@ -1,6 +1,5 @@
 """The losses against naive per-sample formulas, for class-index and probability targets, with gradients."""
 
-import math
 
 import pytest
 import torch

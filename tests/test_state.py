@@ -1,21 +1,18 @@
-"""Safe state and strict settings (issue 8, items 3 and 4), each in real ``Trainer.fit`` runs on the CPU.
+"""Safe state and strict settings, each in real ``Trainer.fit`` runs on the CPU.
 
 - A checkpoint's AdaLabel state is validated before anything is replaced: NaN, a non-square or non-stochastic
   matrix, a diagonal where the matrix is residual, statistics of the wrong shape, a missing key and an unknown
   format version are clear ``ValueError``s; a state written by 0.1.0 (format 1) still resumes.
 - Every ``fit`` starts with empty statistics and its own refresh schedule (Q itself is kept, like the weights), also
   after an interrupted fit.
-- The module carries no reference to Q into ``pickle``, ``copy.deepcopy`` or ``torch.save``, so Lightning's
-  ``WeightAveraging`` (EMA) and ``StochasticWeightAveraging`` train with ALR.
+- Lightning's ``WeightAveraging`` (EMA) and ``StochasticWeightAveraging`` train with ALR (the module carries no Q
+  into the copies they make: tests/test_module.py).
 - After ``strategy="ddp_spawn"`` the learned Q is on the callback in the launching process.
 - Settings are refused as soon as they are given (or, for ``class_names`` without ``num_classes``, as soon as K is
   known), and a refresh period longer than the run is a warning at the start of training.
 """
 
-import copy
-import io
 import os
-import pickle
 import warnings
 
 import lightning as L
@@ -25,17 +22,9 @@ from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, Wei
 from torch.optim.swa_utils import get_ema_avg_fn
 
 from lightning_adalabel import AdaLabel, initial_label_matrix
-from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
+from tests.helpers import TinyClassifier, fit, make_loader, trainer_kwargs
 
 K = 5
-
-
-def fit(callbacks, model=None, loader=None, ckpt_path=None, **overrides):
-    model = model if model is not None else TinyClassifier()
-    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-    trainer = L.Trainer(**trainer_kwargs(callbacks=callbacks, **overrides))
-    trainer.fit(model, loader if loader is not None else make_loader(), ckpt_path=ckpt_path)
-    return trainer, model
 
 
 def assert_valid_residual(matrix, num_classes=K):
@@ -245,48 +234,7 @@ def test_a_fit_after_an_interrupted_one_starts_empty():
     assert callback.label_matrix.num_refreshes == 1
 
 
-# ---- 3. the module carries no Q --------------------------------------------------------------------------------
-
-
-def test_pickle_deepcopy_and_torch_save_of_a_trained_module_leave_q_out():
-    num_classes = 200
-    callback = AdaLabel()
-    model = TinyClassifier(num_classes=num_classes)
-    loader = make_loader(num_classes=num_classes)
-    fit(callback, model, loader)
-    engine = callback.label_matrix
-    q_bytes = engine.matrix.numel() * 4 + engine.accumulator.numel() * 4
-    assert q_bytes > 300_000
-    assert model._adalabel_callback is callback
-
-    weights_bytes = len(pickle.dumps({name: value.clone() for name, value in model.state_dict().items()}))
-    pickled = pickle.dumps(model)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    for size in (len(pickled), len(buffer.getvalue())):
-        assert size < weights_bytes + 8_000, (size, weights_bytes)  # the weights plus a little bookkeeping
-        assert size < q_bytes / 10, (size, q_bytes)
-
-    buffer.seek(0)
-    copies = [pickle.loads(pickled), copy.deepcopy(model), torch.load(buffer, weights_only=False)]
-    for duplicate in copies:
-        assert duplicate._adalabel_callback is None
-        assert "_adalabel_callback" not in duplicate.__dict__
-        for name, value in model.state_dict().items():
-            assert torch.equal(duplicate.state_dict()[name], value)
-    assert model._adalabel_callback is callback  # the original keeps its callback
-
-    before = model.net.weight.detach().clone()
-    fit(callback, model, loader)  # the original still trains with the same callback
-    assert not torch.equal(model.net.weight, before)
-    assert callback.label_matrix.num_refreshes == 2
-
-    fresh = AdaLabel()
-    fit(fresh, copies[1], loader)  # and a copy trains with a callback of its own
-    assert copies[1]._adalabel_callback is fresh and fresh.label_matrix.num_refreshes == 1
-
-
-# ---- 4. weight averaging ---------------------------------------------------------------------------------------
+# ---- 3. weight averaging ---------------------------------------------------------------------------------------
 
 
 class RawWeights:
@@ -333,7 +281,7 @@ def test_alr_trains_with_weight_averaging(make_averaging):
     assert model._adalabel_callback is callback
 
 
-# ---- 5. ddp_spawn --------------------------------------------------------------------------------------------
+# ---- 4. ddp_spawn --------------------------------------------------------------------------------------------
 
 
 def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process(monkeypatch):
@@ -356,7 +304,7 @@ def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process
     assert callback.label_matrix is engine  # reading it again changes nothing
 
 
-# ---- 6. strict settings --------------------------------------------------------------------------------------
+# ---- 5. strict settings --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

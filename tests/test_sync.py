@@ -115,7 +115,8 @@ SYNCING_BUILTINS = {"int", "float", "bool"}
 
 
 class _FirstBatchCheckRemover(ast.NodeTransformer):
-    """Drops ``if ... not self._first_batch_checked:`` blocks (the once-per-fit value checks) and ``raise`` statements."""
+    """Drops ``if ... not self._first_batch_checked:`` blocks (the once-per-fit value checks) and ``raise``
+    statements."""
 
     def __init__(self) -> None:
         self.removed_checks = 0

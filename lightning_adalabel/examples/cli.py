@@ -54,7 +54,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run_command(command: str, args: List[str]) -> int:
     if command == "demo":
-        # Imported here: `adalabel recipes` and `adalabel fit` do not pay for the demo's imports, nor the demo for theirs.
+        # Imported here: `adalabel recipes` and `adalabel fit` do not pay for the demo's imports, nor the demo for
+        # theirs.
         from lightning_adalabel.examples.demo import main as demo_main
 
         return demo_main(args)

@@ -1,0 +1,84 @@
+"""Logging Q at each refresh (lightning_adalabel/label_matrix_logging.py): a TensorBoard figure and text, or a PNG
+and a CSV beside other loggers; global rank 0 only."""
+
+import csv
+import os
+from types import SimpleNamespace
+
+import pytest
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from lightning_adalabel import (
+    AdaLabel,
+    initial_label_matrix,
+    top_correlated_pairs,
+)
+from lightning_adalabel.label_matrix_logging import label_matrix_dir, log_label_matrix
+from tests.helpers import fit, make_loader
+
+NUM_CLASSES = 5
+NAMES = ["ant", "bee", "cat", "dog", "eel"]
+
+
+def test_tensorboard_gets_the_heatmap_and_the_top_pairs(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    callback = AdaLabel(preset="alr", samples="all", log_label_matrix=True, class_names=NAMES, top_pairs=3)
+    trainer, _ = fit(callback, loader=make_loader(64), max_epochs=2, logger=logger)
+    logger.experiment.flush()
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "tensors": 0}).Reload()
+    images = events.Images("adalabel/label_matrix")
+    assert [image.step for image in images] == [4, 8]  # one per refresh: 4 batches per epoch, 2 epochs
+    text = events.Tensors("adalabel/top_pairs/text_summary")
+    assert len(text) == 2
+    table = text[-1].tensor_proto.string_val[0].decode()
+    first = top_correlated_pairs(callback.label_matrix.matrix, 1, NAMES)[0]
+    assert f"| {first[0]} | {first[1]} |" in table and table.count("\n") == 2 + 3 - 1
+    assert not os.path.exists(label_matrix_dir(trainer))  # the figure went to TensorBoard, no PNG fallback
+
+
+def test_csv_logger_falls_back_to_png_and_csv(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    callback = AdaLabel(preset="alr", samples="all", log_label_matrix=True, top_pairs=4)
+    trainer, _ = fit(callback, loader=make_loader(64), max_epochs=2, logger=logger)
+
+    directory = os.path.join(logger.log_dir, "label_matrix")
+    assert label_matrix_dir(trainer) == directory
+    assert sorted(os.listdir(directory)) == [
+        "step_4.png", "step_4_top_pairs.csv", "step_8.png", "step_8_top_pairs.csv",
+    ]
+    with open(os.path.join(directory, "step_8.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(directory, "step_8_top_pairs.csv"), newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["target_class", "soft_label_class", "q"]
+    expected = top_correlated_pairs(callback.label_matrix.matrix, 4)
+    assert [(a, b, pytest.approx(float(q))) for a, b, q in rows[1:]] == [(a, b, q) for a, b, q in expected]
+
+
+def test_without_a_logger_the_png_goes_under_default_root_dir(tmp_path):
+    trainer, _ = fit(AdaLabel(log_label_matrix=True), loader=make_loader(64), default_root_dir=str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "label_matrix")) == ["step_4.png", "step_4_top_pairs.csv"]
+
+
+def test_logging_is_off_by_default(tmp_path):
+    fit(AdaLabel(), loader=make_loader(64), default_root_dir=str(tmp_path))
+    assert not (tmp_path / "label_matrix").exists()
+
+
+def test_only_global_rank_zero_writes(tmp_path):
+    not_rank_zero = SimpleNamespace(is_global_zero=False, global_step=3, loggers=[], log_dir=str(tmp_path),
+                                    default_root_dir=str(tmp_path))
+    log_label_matrix(not_rank_zero, initial_label_matrix(3))  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_logging_options_fail_early():
+    with pytest.raises(ValueError, match="3 `class_names` for 5 classes"):
+        AdaLabel(num_classes=5, class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="`top_pairs` must be an integer >= 0"):
+        AdaLabel(top_pairs=-1)
+

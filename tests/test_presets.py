@@ -1,0 +1,78 @@
+"""The presets (lightning_adalabel/presets.py) in real fits: each is the method it names."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_adalabel import AdaLabel, PRESETS, Preset, initial_label_matrix, resolve_preset
+from tests.helpers import TinyClassifier, fit
+
+
+@pytest.mark.parametrize("preset", ["alr", "ols"])
+def test_learning_presets_change_q_after_an_epoch(preset):
+    callback = AdaLabel(preset=preset)
+    trainer, _ = fit(callback, max_epochs=2)
+    matrix = callback.label_matrix.matrix
+    assert callback.label_matrix.num_refreshes == 2
+    assert not torch.allclose(matrix, initial_label_matrix(5, include_diagonal=preset == "ols"))
+    torch.testing.assert_close(matrix.sum(dim=1), torch.ones(5))
+    assert (matrix.diagonal() == 0).all() if preset == "alr" else (matrix.diagonal() > 0).all()
+    assert {"adalabel/entropy", "adalabel/counted_fraction", "adalabel/nonfinite"} <= set(trainer.callback_metrics)
+
+
+def test_label_smoothing_keeps_q_fixed():
+    callback = AdaLabel(preset="label_smoothing")
+    fit(callback, max_epochs=2)
+    assert torch.equal(callback.label_matrix.matrix, torch.full((5, 5), 0.2))
+
+
+class RecordingClassifier(TinyClassifier):
+    """Records every training loss next to F.cross_entropy / label smoothing of the same logits."""
+
+    def __init__(self, reference):
+        super().__init__()
+        self.reference = reference
+        self.pairs = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.adalabel_loss(logits, y)
+        self.pairs.append((loss.detach(), self.reference(logits.detach(), y)))
+        return loss
+
+
+def test_none_preset_is_exactly_cross_entropy():
+    model = RecordingClassifier(F.cross_entropy)
+    fit(AdaLabel(preset="none"), model)
+    assert len(model.pairs) == 8 and all(torch.equal(loss, expected) for loss, expected in model.pairs)
+
+
+def test_label_smoothing_preset_is_torch_label_smoothing():
+    model = RecordingClassifier(lambda logits, y: F.cross_entropy(logits, y, label_smoothing=0.1))
+    fit(AdaLabel(preset="label_smoothing"), model)
+    for loss, expected in model.pairs:
+        torch.testing.assert_close(loss, expected)
+
+
+def test_loss_uses_initial_q_before_the_first_refresh():
+    model = RecordingClassifier(
+        lambda logits, y: F.cross_entropy(logits, y)
+        + 0.5 * -(initial_label_matrix(5)[y] * logits.masked_fill(F.one_hot(y, 5).bool(), -torch.inf)
+                  .log_softmax(1).masked_fill(F.one_hot(y, 5).bool(), 0)).sum(1).mean()
+    )
+    fit(AdaLabel(alpha=0.5), model)
+    for loss, expected in model.pairs:
+        torch.testing.assert_close(loss, expected)
+
+
+
+def test_resolve_preset_applies_overrides_and_validates_them():
+    assert resolve_preset("ols", alpha=0.3) == Preset(**{**PRESETS["ols"].__dict__, "alpha": 0.3})
+    assert resolve_preset("alr", alpha=None) == PRESETS["alr"]  # None leaves the preset's value
+    with pytest.raises(ValueError, match=r"`alpha` must be a finite number >= 0.0, got inf"):
+        resolve_preset("alr", alpha=float("inf"))
+    with pytest.raises(ValueError, match="Unknown preset 'focal'"):
+        resolve_preset("focal")
+    with pytest.raises(TypeError, match=r"Unknown preset fields \['alhpa'\]"):
+        resolve_preset("alr", alhpa=0.3)
