@@ -32,6 +32,10 @@ PresetName = Literal["alr", "ols", "label_smoothing", "fixed", "none"]
 SamplePolicy = Literal["misclassified", "all", "correct", "none"]
 Estimator = Literal["mean", "geometric"]
 LossMode = Literal["decoupled", "mixed", "ce"]
+Prior = Literal["uniform", "previous"]
+
+# Preset fields added after version 1 of the state, with the value a state without them was written with.
+_CONFIG_DEFAULTS = {"prior": "uniform", "prior_strength": 0.0}
 
 # Version of AdaLabel.state_dict's layout. 1: lightning_adalabel 0.1.0 (no "version" key).
 STATE_VERSION = 2
@@ -57,6 +61,12 @@ class AdaLabel(pl.Callback):
         loss: ``"decoupled"`` (CE + alpha x residual CE), ``"mixed"`` (soft-target CE) or ``"ce"``.
         include_diagonal: keep the true class in the statistics (full softmax) instead of the residual.
         refresh_every_n_steps: refresh every N optimizer steps instead of at each training epoch's end.
+        prior: what a refreshed row is shrunk toward: ``"uniform"`` (the initial row) or ``"previous"`` (the row
+            before the refresh).
+        prior_strength: the prior's pseudo-count per sample of the class seen since the last refresh (0, the
+            default: no shrinkage). Row k becomes ``(S_k + m_k prior_k) / (n_k + m_k)`` with ``m_k`` this times
+            the samples of class k seen, so a row estimated from a few misclassified samples among many stays
+            near the prior.
         ignore_index: class-index targets equal to it enter neither the loss nor the statistics (torch's default
             -100, the padding label of Hugging Face tokenizers).
         initial_matrix: start Q from this K x K matrix (a tensor, or a ``.pt``/``.csv`` path written by
@@ -85,6 +95,8 @@ class AdaLabel(pl.Callback):
         loss: Optional[LossMode] = None,
         include_diagonal: Optional[bool] = None,
         refresh_every_n_steps: Optional[int] = None,
+        prior: Optional[Prior] = None,
+        prior_strength: Optional[float] = None,
         ignore_index: int = -100,
         initial_matrix: Union[Tensor, str, "os.PathLike[str]", None] = None,
         log_label_matrix: bool = False,
@@ -102,7 +114,7 @@ class AdaLabel(pl.Callback):
         self.preset_name = preset
         self.preset: Preset = resolve_preset(
             preset, alpha=alpha, samples=samples, estimator=estimator, momentum=momentum, loss=loss,
-            include_diagonal=include_diagonal,
+            include_diagonal=include_diagonal, prior=prior, prior_strength=prior_strength,
         )
         self.num_classes = num_classes
         self.refresh_every_n_steps = refresh_every_n_steps
@@ -190,6 +202,8 @@ class AdaLabel(pl.Callback):
                 include_diagonal=self.preset.include_diagonal,
                 device=logits.device,
                 initial_matrix=self.initial_matrix,
+                prior=self.preset.prior,
+                prior_strength=self.preset.prior_strength,
             )
         if self._label_matrix.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
             self._label_matrix.to(logits.device)
@@ -350,7 +364,9 @@ class AdaLabel(pl.Callback):
                 f" a lightning_adalabel this one can read (versions 1 to {STATE_VERSION}). Resume with the version"
                 " that wrote it, or start a new run without `ckpt_path`."
             )
-        if state_dict["preset"] != self.preset_name or state_dict["config"] != self.preset.__dict__:
+        # A state from before a setting existed was written with its default.
+        saved_config = {**_CONFIG_DEFAULTS, **state_dict["config"]} if isinstance(state_dict["config"], dict) else None
+        if state_dict["preset"] != self.preset_name or saved_config != self.preset.__dict__:
             raise ValueError(
                 f"This checkpoint's AdaLabel state was written by preset {state_dict['preset']!r} with"
                 f" {state_dict['config']}, but the callback is preset {self.preset_name!r} with {self.preset.__dict__}."
@@ -369,7 +385,8 @@ class AdaLabel(pl.Callback):
             device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
             restored = LabelMatrix(
                 num_classes, self.preset.samples, self.preset.estimator, self.preset.momentum,  # type: ignore[arg-type]
-                self.preset.include_diagonal, device=device,
+                self.preset.include_diagonal, device=device, prior=self.preset.prior,
+                prior_strength=self.preset.prior_strength,
             )
             restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
             self._label_matrix = restored

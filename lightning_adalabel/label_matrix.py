@@ -132,11 +132,16 @@ def statistic_totals(stats: Tensor) -> Tensor:
     return stats[:, _COUNT:].sum(dim=0)
 
 
-def refreshed_rows(sums: Tensor, counts: Tensor, estimator: str, include_diagonal: bool) -> Tensor:
-    """The estimator's target row for every class (rows with ``counts == 0`` are meaningless).
+def refreshed_rows(
+    sums: Tensor, counts: Tensor, estimator: str, include_diagonal: bool, prior: Optional[Tensor] = None,
+    pseudo_counts: Optional[Tensor] = None,
+) -> Tensor:
+    """The estimator's target row for every class (rows with ``counts == 0`` and no pseudo-count are meaningless).
 
     ``mean`` is the arithmetic mean of ``p_res`` (minimises E[KL(p_res || q)]); ``geometric`` is the softmax of
-    the mean ``log p_res`` (minimises E[KL(q || p_res)], the paper's update loss).
+    the mean ``log p_res`` (minimises E[KL(q || p_res)], the paper's update loss). With a ``prior`` (K x K) and
+    ``pseudo_counts`` m (K,), row k is shrunk toward ``prior[k]`` as if m_k samples equal to it had been seen:
+    ``(S_k + m_k prior_k) / (n_k + m_k)`` for ``mean``, the same on ``log p_res`` for ``geometric``.
 
     Example:
         >>> sums = torch.tensor([[0.0, 1.5], [0.5, 0.0]])
@@ -144,7 +149,13 @@ def refreshed_rows(sums: Tensor, counts: Tensor, estimator: str, include_diagona
         tensor([[0.0000, 0.5000],
                 [0.5000, 0.0000]])
     """
-    mean = sums / counts.clamp_min(1.0)[:, None]
+    if pseudo_counts is not None and prior is not None:
+        # xlogy: a zero pseudo-count adds nothing, even where the prior is 0 (log 0 = -inf, the residual diagonal).
+        shrink = pseudo_counts[:, None] * prior if estimator == "mean" else torch.xlogy(pseudo_counts[:, None], prior)
+        sums, counts = sums + shrink, counts + pseudo_counts
+        mean = sums / torch.where(counts > 0, counts, 1.0)[:, None]
+    else:
+        mean = sums / counts.clamp_min(1.0)[:, None]
     if estimator == "mean":
         return mean
     if not include_diagonal:
@@ -153,11 +164,25 @@ def refreshed_rows(sums: Tensor, counts: Tensor, estimator: str, include_diagona
 
 
 def _label_matrix_compute(
-    matrix: Tensor, stats: Tensor, estimator: str, momentum: float, include_diagonal: bool
+    matrix: Tensor, stats: Tensor, estimator: str, momentum: float, include_diagonal: bool, prior: str = "uniform",
+    prior_strength: float = 0.0,
 ) -> Tensor:
-    """The refreshed Q from (reduced) statistics: rows that received no sample keep their value."""
+    """The refreshed Q from (reduced) statistics: rows that received no sample keep their value.
+
+    With ``prior_strength`` s > 0 each refreshed row is shrunk toward a prior (``"uniform"``: the initial matrix;
+    ``"previous"``: the row as it is) with the pseudo-count ``m_k = s * seen_k``: proportional to the samples of
+    class k seen since the last refresh, so the same s means the same thing on any data set size. A row estimated
+    from a handful of misclassified samples among many (clean data, late in training) stays close to the prior;
+    a row with many (label noise) follows its statistics.
+    """
     counts = stats[:, _COUNT]
-    estimate = refreshed_rows(stats[:, _SUMS], counts, estimator, include_diagonal)
+    prior_matrix, pseudo_counts = None, None
+    if prior_strength > 0:
+        num_classes = matrix.shape[0]
+        prior_matrix = matrix if prior == "previous" else initial_label_matrix(num_classes, include_diagonal,
+                                                                               matrix.device)
+        pseudo_counts = prior_strength * stats[:, _SEEN]
+    estimate = refreshed_rows(stats[:, _SUMS], counts, estimator, include_diagonal, prior_matrix, pseudo_counts)
     return torch.where(counts[:, None] > 0, torch.lerp(matrix, estimate, momentum), matrix)
 
 
@@ -175,6 +200,10 @@ class LabelMatrix:
         device: where Q and the statistics live (the logits' device).
         initial_matrix: start from this K x K matrix instead of the uniform one (checked by
             :func:`~lightning_adalabel.validate_label_matrix`); with ``samples="none"`` it stays fixed.
+        prior: what a refreshed row is shrunk toward: ``"uniform"`` (the initial uniform row) or ``"previous"``
+            (the row before the refresh).
+        prior_strength: the prior's pseudo-count per sample of the class seen since the last refresh (0: no
+            shrinkage, each row is its statistics' estimate); see :func:`_label_matrix_compute`.
 
     Example:
         >>> matrix = LabelMatrix(3, samples="all")
@@ -197,14 +226,18 @@ class LabelMatrix:
         include_diagonal: bool = False,
         device: Optional[Union[str, torch.device]] = None,
         initial_matrix: Optional[Tensor] = None,
+        prior: str = "uniform",
+        prior_strength: float = 0.0,
     ) -> None:
         check_int("num_classes", num_classes, minimum=2)
-        check_engine_config(samples, estimator, momentum, include_diagonal)
+        check_engine_config(samples, estimator, momentum, include_diagonal, prior, prior_strength)
         self.num_classes = num_classes
         self.samples = samples
         self.estimator = estimator
         self.momentum = float(momentum)
         self.include_diagonal = include_diagonal
+        self.prior = prior
+        self.prior_strength = float(prior_strength)
         if initial_matrix is None:
             self.matrix = initial_label_matrix(num_classes, include_diagonal, device)
         else:  # e.g. a matrix learned by an earlier run (load_label_matrix), used as a fixed or warm-start Q
@@ -274,7 +307,7 @@ class LabelMatrix:
         stats = self.accumulator if reduce is None else reduce(self.accumulator)
         if self.samples != "none":
             self.matrix = _label_matrix_compute(self.matrix, stats, self.estimator, self.momentum,
-                                                self.include_diagonal)
+                                                self.include_diagonal, self.prior, self.prior_strength)
         self.accumulator = torch.zeros_like(self.accumulator)
         self.num_refreshes += 1
         return stats
@@ -291,6 +324,8 @@ class LabelMatrix:
             "estimator": self.estimator,
             "momentum": self.momentum,
             "include_diagonal": self.include_diagonal,
+            "prior": self.prior,
+            "prior_strength": self.prior_strength,
             # Clones: the accumulator is updated in place, and a checkpoint may be written asynchronously.
             "matrix": self.matrix.clone(),
             "accumulator": self.accumulator.clone(),
@@ -303,8 +338,8 @@ class LabelMatrix:
         state = _upgrade_state(state)
         mismatched = [
             f"{key}={state.get(key)!r} (this one has {getattr(self, key)!r})"
-            for key in ("num_classes", "samples", "estimator", "momentum", "include_diagonal")
-            if state.get(key) != getattr(self, key)
+            for key in _CONFIG_KEYS
+            if state.get(key, _STATE_DEFAULTS.get(key)) != getattr(self, key)
         ]
         if mismatched:
             raise ValueError(
@@ -335,10 +370,14 @@ class LabelMatrix:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_classes={self.num_classes}, samples={self.samples!r},"
-            f" estimator={self.estimator!r}, momentum={self.momentum}, include_diagonal={self.include_diagonal})"
+            f" estimator={self.estimator!r}, momentum={self.momentum}, include_diagonal={self.include_diagonal},"
+            f" prior={self.prior!r}, prior_strength={self.prior_strength})"
         )
 
 
+_CONFIG_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "prior", "prior_strength")
+# Settings added after version 1 of the state; a state without them was written with these values.
+_STATE_DEFAULTS = {"prior": "uniform", "prior_strength": 0.0}
 _STATE_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "matrix", "accumulator",
                "num_refreshes")
 

@@ -17,6 +17,9 @@ class Preset:
         include_diagonal: statistics over the full softmax (OLS) rather than the residual over wrong classes (ALR).
         loss: ``"decoupled"`` (CE + alpha x residual CE), ``"mixed"`` (soft-target CE) or ``"ce"`` (plain CE).
         alpha: weight of the soft part of the loss.
+        prior: what a refreshed row is shrunk toward, ``"uniform"`` or ``"previous"`` (see ``prior_strength``).
+        prior_strength: the prior's pseudo-count per sample of the class seen since the last refresh; 0 (the
+            default) refreshes each row to its statistics' estimate alone.
     """
 
     samples: str
@@ -25,9 +28,12 @@ class Preset:
     include_diagonal: bool
     loss: str
     alpha: float
+    prior: str = "uniform"
+    prior_strength: float = 0.0
 
     def __post_init__(self) -> None:
-        check_engine_config(self.samples, self.estimator, self.momentum, self.include_diagonal)
+        check_engine_config(self.samples, self.estimator, self.momentum, self.include_diagonal, self.prior,
+                            self.prior_strength)
         check_choice("loss", self.loss, LOSS_MODES)
         check_number("alpha", self.alpha, 0.0)
         if self.loss == "mixed" and self.alpha > 1:
@@ -69,8 +75,8 @@ def resolve_preset(name: str, **overrides: Optional[object]) -> Preset:
     """The preset ``name`` with every override that is not ``None`` applied (and the result validated).
 
     Example:
-        >>> resolve_preset("alr", alpha=0.3)
-        Preset(samples='misclassified', estimator='mean', momentum=1.0, include_diagonal=False, loss='decoupled', alpha=0.3)
+        >>> resolve_preset("alr", alpha=0.3).alpha, resolve_preset("alr", alpha=0.3).samples
+        (0.3, 'misclassified')
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")

@@ -14,6 +14,7 @@ SAMPLE_POLICIES = ("misclassified", "all", "correct", "none")
 ESTIMATORS = ("mean", "geometric")
 LOSS_MODES = ("decoupled", "mixed", "ce")
 REDUCTIONS = ("mean", "sum", "none")
+PRIORS = ("uniform", "previous")
 
 
 def check_int(name: str, value: Any, minimum: int, allow_none: bool = False, hint: str = "") -> None:
@@ -86,7 +87,10 @@ def check_number(
         raise ValueError(f"`{name}` must be a finite number {bounds}, got {value!r}.{hint}")
 
 
-def check_engine_config(samples: str, estimator: str, momentum: float, include_diagonal: bool) -> None:
+def check_engine_config(
+    samples: str, estimator: str, momentum: float, include_diagonal: bool, prior: str = "uniform",
+    prior_strength: float = 0.0,
+) -> None:
     """The settings that define how the label matrix learns (shared by :class:`~lightning_adalabel.Preset` and
     :class:`~lightning_adalabel.LabelMatrix`)."""
     check_choice("samples", samples, SAMPLE_POLICIES)
@@ -96,6 +100,11 @@ def check_engine_config(samples: str, estimator: str, momentum: float, include_d
         hint=" 1 replaces each refreshed row, smaller values average over refreshes.",
     )
     check_bool("include_diagonal", include_diagonal)
+    check_choice("prior", prior, PRIORS)
+    check_number(
+        "prior_strength", prior_strength, 0.0,
+        hint=" It is the prior's pseudo-count per sample of the class seen since the last refresh; 0 turns it off.",
+    )
 
 
 def check_class_names(class_names: Optional[Sequence[Any]], num_classes: Optional[int]) -> None:

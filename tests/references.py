@@ -32,13 +32,20 @@ def naive_soft_ce(logits, soft_targets):
     return total / len(logits)
 
 
-def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagonal):
-    """Q after one refresh over ``batches``, one sample and one class at a time, in float64."""
+def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagonal, prior="uniform",
+                  prior_strength=0.0):
+    """Q after one refresh over ``batches``, one sample and one class at a time, in float64.
+
+    With ``prior_strength`` s, row k's estimate is taken as if ``s * seen_k`` extra samples equal to the prior row
+    (uniform over the allowed classes, or the row before the refresh) had been averaged in.
+    """
     num_classes = len(matrix)
     sums = [[0.0] * num_classes for _ in range(num_classes)]
     counts = [0] * num_classes
+    seen = [0] * num_classes
     for logits, target in batches:
         for z, y in zip(logits.tolist(), target.tolist()):
+            seen[y] += 1
             if not all(math.isfinite(value) for value in z):
                 continue  # rows with NaN/Inf logits never enter the statistics
             prediction = max(range(num_classes), key=lambda j: z[j])  # first maximum, as torch.argmax
@@ -56,10 +63,16 @@ def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagona
         if counts[k] == 0:
             continue
         allowed = [j for j in range(num_classes) if include_diagonal or j != k]
-        if estimator == "mean":
-            estimate = {j: sums[k][j] / counts[k] for j in allowed}
+        pseudo = prior_strength * seen[k]
+        if prior == "uniform":
+            prior_row = {j: 1.0 / len(allowed) for j in allowed}
         else:
-            weights = {j: math.exp(sums[k][j] / counts[k]) for j in allowed}
+            prior_row = {j: matrix[k][j].item() for j in allowed}
+        if estimator == "mean":
+            estimate = {j: (sums[k][j] + pseudo * prior_row[j]) / (counts[k] + pseudo) for j in allowed}
+        else:
+            log_prior = {j: math.log(prior_row[j]) if pseudo else 0.0 for j in allowed}
+            weights = {j: math.exp((sums[k][j] + pseudo * log_prior[j]) / (counts[k] + pseudo)) for j in allowed}
             estimate = {j: weight / sum(weights.values()) for j, weight in weights.items()}
         for j in range(num_classes):
             refreshed[k][j] = (1 - momentum) * refreshed[k][j] + momentum * estimate.get(j, 0.0)

@@ -30,6 +30,33 @@ def test_statistics_match_the_engine_fed_by_hand():
     torch.testing.assert_close(callback.label_matrix.accumulator, by_hand.accumulator)
 
 
+@pytest.mark.parametrize("prior", ["uniform", "previous"])
+def test_count_aware_refresh_every_n_steps_matches_the_engine_fed_by_hand(prior):
+    from lightning_adalabel import LabelMatrix
+
+    class KeepLogits(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self(x)
+            self.seen.append((logits.detach().clone(), y))
+            return self.adalabel_loss(logits, y)
+
+    callback = AdaLabel(samples="all", prior=prior, prior_strength=0.3, refresh_every_n_steps=3)
+    _, model = fit(callback, KeepLogits(), max_epochs=2)  # 16 steps: refreshes at 3, 6, ..., 15
+    by_hand = LabelMatrix(5, samples="all", prior=prior, prior_strength=0.3)
+    for step, (logits, y) in enumerate(model.seen, start=1):
+        by_hand.update(logits, y)
+        if step % 3 == 0:
+            by_hand.refresh()
+    assert callback.label_matrix.num_refreshes == by_hand.num_refreshes == 5
+    torch.testing.assert_close(callback.label_matrix.matrix, by_hand.matrix)
+    torch.testing.assert_close(callback.label_matrix.accumulator, by_hand.accumulator)
+
+
 def test_checkpoint_restores_q_and_accumulators_exactly(tmp_path):
     callback = AdaLabel(samples="all", refresh_every_n_steps=5)  # 8 steps: the accumulator holds 3 steps at the end
     trainer, model = fit(callback, max_epochs=1)
@@ -96,6 +123,9 @@ def test_two_callbacks_are_a_clear_error():
         ({"loss": "mixed"}, ValueError, r"alpha=1.0 gives the true class no target mass"),
         ({"num_classes": 1}, ValueError, "`num_classes` must be an integer >= 2"),
         ({"refresh_every_n_steps": 0}, ValueError, r"`refresh_every_n_steps` must be an integer >= 1 or None"),
+        ({"prior": "beta"}, ValueError, r"`prior` must be one of \('uniform', 'previous'\), got 'beta'"),
+        ({"prior_strength": -1.0}, ValueError, r"`prior_strength` must be a finite number >= 0.0, got -1.0"),
+        ({"prior_strength": float("inf")}, ValueError, r"`prior_strength` must be a finite number >= 0.0, got inf"),
     ],
 )
 def test_bad_hyperparameters_are_a_clear_error(kwargs, error, message):

@@ -35,6 +35,50 @@ def test_refresh_matches_naive_reference(samples, estimator, momentum, include_d
         assert engine.counts.sum() == 0 and engine.sums.abs().sum() == 0
 
 
+@pytest.mark.parametrize(
+    "samples, estimator, momentum, include_diagonal",
+    [("misclassified", "mean", 1.0, False), ("misclassified", "geometric", 0.3, False), ("all", "mean", 0.3, True),
+     ("correct", "geometric", 1.0, True)],
+)
+@pytest.mark.parametrize("prior", ["uniform", "previous"])
+@pytest.mark.parametrize("prior_strength", [0.05, 0.5, 3.0])
+def test_count_aware_refresh_matches_naive_reference(samples, estimator, momentum, include_diagonal, prior,
+                                                     prior_strength):
+    num_classes = 6
+    engine = LabelMatrix(num_classes, samples, estimator, momentum, include_diagonal, prior=prior,
+                         prior_strength=prior_strength)
+    for refresh, present in enumerate([[0, 1, 2, 3], None]):  # the second refresh starts from a learned Q
+        batches = random_batches(num_classes, seed=refresh, present=present)
+        expected, _ = naive_refresh(engine.matrix.double(), batches, samples, estimator, momentum, include_diagonal,
+                                    prior, prior_strength)
+        for logits, target in batches:
+            engine.update(logits, target)
+        engine.refresh()
+        torch.testing.assert_close(engine.matrix.double(), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(engine.matrix.sum(dim=1), torch.ones(num_classes))
+        if not include_diagonal:
+            assert (engine.matrix.diagonal() == 0).all()
+
+
+def test_the_prior_weighs_in_proportion_to_the_samples_seen():
+    """Same statistics, more clean samples of the class: the row stays closer to the prior, in proportion."""
+    logits = torch.tensor([[0.0, 4.0, 0.0]])  # one misclassified sample of class 0, confident in class 1
+    rows = []
+    for clean in (1, 10):
+        engine = LabelMatrix(3, prior="uniform", prior_strength=1.0)
+        engine.update(torch.cat([logits, torch.tensor([[9.0, 0.0, 0.0]]).repeat(clean, 1)]),
+                      torch.zeros(clean + 1, dtype=torch.long))
+        engine.refresh()
+        rows.append(engine.matrix[0])
+    distance = [(row - initial_label_matrix(3)[0]).abs().sum() for row in rows]
+    # The estimate's distance from the prior is n / (n + m) of the statistics' own: 1/3 with m = 2, 1/12 with m = 11.
+    torch.testing.assert_close(distance[1] / distance[0], torch.tensor(0.25), rtol=1e-4, atol=0)
+    unshrunk = LabelMatrix(3)
+    unshrunk.update(logits, torch.tensor([0]))
+    unshrunk.refresh()
+    assert (unshrunk.matrix[0] - initial_label_matrix(3)[0]).abs().sum() > distance[0]
+
+
 def test_rows_without_samples_keep_their_value():
     engine = LabelMatrix(4, samples="all")
     engine.update(torch.randn(5, 4), torch.tensor([0, 0, 2, 2, 2]))

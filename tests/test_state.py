@@ -134,6 +134,8 @@ def as_version_1(state):
     """The layout lightning_adalabel 0.1.0 wrote: no "version" keys, an accumulator of K x (K + 3)."""
     del state["version"]
     del state["label_matrix"]["version"]
+    for settings in (state["config"], state["label_matrix"]):  # the prior settings came after 0.1.0
+        del settings["prior"], settings["prior_strength"]
     state["label_matrix"]["accumulator"] = state["label_matrix"]["accumulator"][:, : K + 3].clone()
 
 

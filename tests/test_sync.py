@@ -99,8 +99,10 @@ def test_per_batch_path_never_reads_a_tensor_value(preset):
 @pytest.mark.parametrize("estimator", ["mean", "geometric"])
 @pytest.mark.parametrize("include_diagonal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_statistics_update_never_reads_a_tensor_value(samples, estimator, include_diagonal, dtype):
-    matrix = LabelMatrix(K, samples=samples, estimator=estimator, include_diagonal=include_diagonal, device="meta")
+@pytest.mark.parametrize("prior_strength", [0.0, 0.5])
+def test_statistics_update_never_reads_a_tensor_value(samples, estimator, include_diagonal, dtype, prior_strength):
+    matrix = LabelMatrix(K, samples=samples, estimator=estimator, include_diagonal=include_diagonal, device="meta",
+                         prior_strength=prior_strength)
     logits = torch.randn(8, K, device="meta", dtype=dtype)
     matrix.update(logits, torch.randint(0, K, (8,), device="meta"))
     matrix.update(logits, torch.rand(8, K, device="meta"))  # probability targets
