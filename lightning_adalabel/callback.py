@@ -30,7 +30,7 @@ from lightning_adalabel.validation import check_bool, check_choice, check_class_
 
 PresetName = Literal["alr", "ols", "label_smoothing", "fixed", "none"]
 SamplePolicy = Literal["misclassified", "all", "correct", "none"]
-Estimator = Literal["mean", "geometric"]
+Estimator = Literal["mean", "geometric", "confusion"]
 LossMode = Literal["decoupled", "mixed", "ce"]
 Prior = Literal["uniform", "previous"]
 
@@ -56,7 +56,7 @@ class AdaLabel(pl.Callback):
         num_classes: K; inferred from the first batch's logits when ``None``.
         alpha: weight of the soft part of the loss.
         samples: which samples feed the statistics: ``"misclassified"``, ``"all"``, ``"correct"`` or ``"none"``.
-        estimator: ``"mean"`` or ``"geometric"``.
+        estimator: ``"mean"``, ``"geometric"`` or ``"confusion"`` (hard counts of the top wrong class).
         momentum: in (0, 1]; each refreshed row becomes ``(1 - momentum) * old + momentum * estimate``.
         loss: ``"decoupled"`` (CE + alpha x residual CE), ``"mixed"`` (soft-target CE) or ``"ce"``.
         include_diagonal: keep the true class in the statistics (full softmax) instead of the residual.

@@ -60,15 +60,19 @@ def initial_label_matrix(
 
 
 def residual_prediction_stats(logits: Tensor, target: Tensor, include_diagonal: bool, estimator: str) -> Tensor:
-    """Per-sample statistic that enters the sums: the residual prediction ``p_res`` or ``log p_res``.
+    """Per-sample statistic that enters the sums: the residual prediction ``p_res``, ``log p_res``, or the one-hot
+    of its arg-max.
 
     ``p_res`` is the softmax over the wrong classes (the true-class logit masked to ``-inf``); with
     ``include_diagonal`` it is the full softmax (Online Label Smoothing). For ``geometric`` the true-class
-    entry of ``log p_res`` (``-inf``) is replaced by 0 so that it stays out of the sums.
+    entry of ``log p_res`` (``-inf``) is replaced by 0 so that it stays out of the sums. ``confusion`` counts
+    hard confusions: a 1 at the wrong class the model ranks highest (ties: the lowest index, as ``argmax``).
 
     Example:
         >>> residual_prediction_stats(torch.tensor([[0.0, 0.0, 0.0]]), torch.tensor([1]), False, "mean")
         tensor([[0.5000, 0.0000, 0.5000]])
+        >>> residual_prediction_stats(torch.tensor([[0.0, 5.0, 1.0]]), torch.tensor([1]), False, "confusion")
+        tensor([[0., 0., 1.]])
     """
     if include_diagonal:
         masked = logits
@@ -76,6 +80,8 @@ def residual_prediction_stats(logits: Tensor, target: Tensor, include_diagonal: 
         masked = logits.scatter(1, target[:, None], float("-inf"))
     if estimator == "mean":
         return masked.softmax(dim=1)
+    if estimator == "confusion":
+        return torch.zeros_like(masked).scatter_(1, masked.argmax(dim=1, keepdim=True), 1.0)
     log_p = masked.log_softmax(dim=1)
     return log_p if include_diagonal else log_p.scatter_(1, target[:, None], 0.0)
 
@@ -139,7 +145,8 @@ def refreshed_rows(
     """The estimator's target row for every class (rows with ``counts == 0`` and no pseudo-count are meaningless).
 
     ``mean`` is the arithmetic mean of ``p_res`` (minimises E[KL(p_res || q)]); ``geometric`` is the softmax of
-    the mean ``log p_res`` (minimises E[KL(q || p_res)], the paper's update loss). With a ``prior`` (K x K) and
+    the mean ``log p_res`` (minimises E[KL(q || p_res)], the paper's update loss); ``confusion`` is the frequency
+    of each wrong class as the model's top wrong guess. With a ``prior`` (K x K) and
     ``pseudo_counts`` m (K,), row k is shrunk toward ``prior[k]`` as if m_k samples equal to it had been seen:
     ``(S_k + m_k prior_k) / (n_k + m_k)`` for ``mean``, the same on ``log p_res`` for ``geometric``.
 
@@ -151,12 +158,13 @@ def refreshed_rows(
     """
     if pseudo_counts is not None and prior is not None:
         # xlogy: a zero pseudo-count adds nothing, even where the prior is 0 (log 0 = -inf, the residual diagonal).
-        shrink = pseudo_counts[:, None] * prior if estimator == "mean" else torch.xlogy(pseudo_counts[:, None], prior)
+        in_logs = estimator == "geometric"
+        shrink = torch.xlogy(pseudo_counts[:, None], prior) if in_logs else pseudo_counts[:, None] * prior
         sums, counts = sums + shrink, counts + pseudo_counts
         mean = sums / torch.where(counts > 0, counts, 1.0)[:, None]
     else:
         mean = sums / counts.clamp_min(1.0)[:, None]
-    if estimator == "mean":
+    if estimator != "geometric":
         return mean
     if not include_diagonal:
         mean = mean.fill_diagonal_(float("-inf"))
@@ -193,7 +201,7 @@ class LabelMatrix:
         num_classes: K.
         samples: which samples feed the statistics: ``"misclassified"`` (argmax != target), ``"all"``,
             ``"correct"``, or ``"none"`` (Q never changes, e.g. label smoothing).
-        estimator: ``"mean"`` or ``"geometric"`` (see :func:`refreshed_rows`).
+        estimator: ``"mean"``, ``"geometric"`` or ``"confusion"`` (see :func:`refreshed_rows`).
         momentum: refreshed row = ``(1 - momentum) * old + momentum * estimate``.
         include_diagonal: keep the true class in the statistics (full softmax, Online Label Smoothing) instead
             of the residual (wrong classes only, ALR).

@@ -12,7 +12,7 @@ class Preset:
 
     Attributes:
         samples: which samples feed the statistics (``"none"``: Q is never refreshed).
-        estimator: ``"mean"`` or ``"geometric"``.
+        estimator: ``"mean"``, ``"geometric"`` or ``"confusion"``.
         momentum: weight of the new estimate at each refresh.
         include_diagonal: statistics over the full softmax (OLS) rather than the residual over wrong classes (ALR).
         loss: ``"decoupled"`` (CE + alpha x residual CE), ``"mixed"`` (soft-target CE) or ``"ce"`` (plain CE).

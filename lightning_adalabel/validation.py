@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 SAMPLE_POLICIES = ("misclassified", "all", "correct", "none")
-ESTIMATORS = ("mean", "geometric")
+ESTIMATORS = ("mean", "geometric", "confusion")
 LOSS_MODES = ("decoupled", "mixed", "ce")
 REDUCTIONS = ("mean", "sum", "none")
 PRIORS = ("uniform", "previous")
@@ -56,7 +56,7 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         >>> check_choice("estimator", "median", ESTIMATORS)
         Traceback (most recent call last):
         ...
-        ValueError: `estimator` must be one of ('mean', 'geometric'), got 'median'.
+        ValueError: `estimator` must be one of ('mean', 'geometric', 'confusion'), got 'median'.
     """
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")

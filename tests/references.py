@@ -52,6 +52,10 @@ def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagona
             if samples == "misclassified" and prediction == y or samples == "correct" and prediction != y:
                 continue
             allowed = [j for j in range(num_classes) if include_diagonal or j != y]
+            if estimator == "confusion":  # one count for the top allowed class, the first of ties
+                sums[y][max(allowed, key=lambda j: z[j])] += 1.0
+                counts[y] += 1
+                continue
             top = max(z[j] for j in allowed)
             normaliser = sum(math.exp(z[j] - top) for j in allowed)
             for j in allowed:
@@ -68,7 +72,7 @@ def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagona
             prior_row = {j: 1.0 / len(allowed) for j in allowed}
         else:
             prior_row = {j: matrix[k][j].item() for j in allowed}
-        if estimator == "mean":
+        if estimator in ("mean", "confusion"):
             estimate = {j: (sums[k][j] + pseudo * prior_row[j]) / (counts[k] + pseudo) for j in allowed}
         else:
             log_prior = {j: math.log(prior_row[j]) if pseudo else 0.0 for j in allowed}

@@ -51,7 +51,7 @@ def test_losses_compile_without_graph_breaks(name, target_kind):
 
 
 @pytest.mark.parametrize("samples", ["misclassified", "all", "correct"])
-@pytest.mark.parametrize("estimator", ["mean", "geometric"])
+@pytest.mark.parametrize("estimator", ["mean", "geometric", "confusion"])
 @pytest.mark.parametrize("include_diagonal", [False, True])
 def test_statistics_update_compiles_without_graph_breaks(samples, estimator, include_diagonal):
     torch._dynamo.reset()

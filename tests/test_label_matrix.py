@@ -11,7 +11,7 @@ from lightning_adalabel import LabelMatrix, initial_label_matrix
 from tests.references import naive_refresh, random_batches
 
 SAMPLE_POLICIES = ("misclassified", "all", "correct")
-ESTIMATORS = ("mean", "geometric")
+ESTIMATORS = ("mean", "geometric", "confusion")
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_refresh_matches_naive_reference(samples, estimator, momentum, include_d
 @pytest.mark.parametrize(
     "samples, estimator, momentum, include_diagonal",
     [("misclassified", "mean", 1.0, False), ("misclassified", "geometric", 0.3, False), ("all", "mean", 0.3, True),
-     ("correct", "geometric", 1.0, True)],
+     ("correct", "geometric", 1.0, True), ("misclassified", "confusion", 1.0, False), ("all", "confusion", 0.3, True)],
 )
 @pytest.mark.parametrize("prior", ["uniform", "previous"])
 @pytest.mark.parametrize("prior_strength", [0.05, 0.5, 3.0])

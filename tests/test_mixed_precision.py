@@ -77,7 +77,7 @@ def test_huge_low_precision_logits_give_finite_losses(mode, target_kind, dtype, 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("samples", ["misclassified", "all", "correct"])
-@pytest.mark.parametrize("estimator", ["mean", "geometric"])
+@pytest.mark.parametrize("estimator", ["mean", "geometric", "confusion"])
 @pytest.mark.parametrize("include_diagonal", [False, True])
 def test_huge_low_precision_logits_give_finite_statistics(dtype, samples, estimator, include_diagonal):
     matrix = LabelMatrix(K, samples=samples, estimator=estimator, include_diagonal=include_diagonal)

@@ -165,7 +165,7 @@ def scenarios(draw) -> Tuple[int, dict, List[List[Batch]]]:
     k = draw(st.integers(2, 7))
     config = dict(
         samples=draw(st.sampled_from(["misclassified", "all", "correct"])),
-        estimator=draw(st.sampled_from(["mean", "geometric"])),
+        estimator=draw(st.sampled_from(["mean", "geometric", "confusion"])),
         momentum=draw(st.sampled_from([1.0, 0.3])),
         include_diagonal=draw(st.booleans()),
     )

@@ -96,7 +96,7 @@ def test_per_batch_path_never_reads_a_tensor_value(preset):
 
 
 @pytest.mark.parametrize("samples", ["misclassified", "all", "correct"])
-@pytest.mark.parametrize("estimator", ["mean", "geometric"])
+@pytest.mark.parametrize("estimator", ["mean", "geometric", "confusion"])
 @pytest.mark.parametrize("include_diagonal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("prior_strength", [0.0, 0.5])
