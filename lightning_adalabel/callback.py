@@ -28,14 +28,16 @@ from lightning_adalabel.module import AdaLabelMixin
 from lightning_adalabel.presets import Preset, resolve_preset
 from lightning_adalabel.validation import check_bool, check_choice, check_class_names, check_int, validate_label_matrix
 
-PresetName = Literal["alr", "ols", "label_smoothing", "fixed", "none"]
+PresetName = Literal["alr", "ols", "ols_official", "label_smoothing", "fixed", "none"]
 SamplePolicy = Literal["misclassified", "all", "correct", "none"]
 Estimator = Literal["mean", "geometric", "confusion"]
 LossMode = Literal["decoupled", "mixed", "ce"]
 Prior = Literal["uniform", "previous"]
+Start = Literal["uniform", "zeros"]
+EmptyRows = Literal["keep", "uniform"]
 
 # Preset fields added after version 1 of the state, with the value a state without them was written with.
-_CONFIG_DEFAULTS = {"prior": "uniform", "prior_strength": 0.0}
+_CONFIG_DEFAULTS = {"prior": "uniform", "prior_strength": 0.0, "start": "uniform", "empty_rows": "keep"}
 
 # Version of AdaLabel.state_dict's layout. 1: lightning_adalabel 0.1.0 (no "version" key).
 STATE_VERSION = 2
@@ -51,8 +53,8 @@ class AdaLabel(pl.Callback):
     ``self.adalabel_loss(logits, y)``, whose soft part comes from ``Q[y]``.
 
     Args:
-        preset: ``"alr"`` (default), ``"ols"`` (Online Label Smoothing), ``"label_smoothing"``, ``"fixed"`` or
-            ``"none"`` (plain cross-entropy); see :data:`~lightning_adalabel.PRESETS`. The arguments below override it.
+        preset: ``"alr"`` (default), ``"ols"`` (Online Label Smoothing), ``"ols_official"`` (OLS as its official
+            code runs it), ``"label_smoothing"``, ``"fixed"`` or ``"none"`` (plain cross-entropy); see :data:`~lightning_adalabel.PRESETS`. The arguments below override it.
         num_classes: K; inferred from the first batch's logits when ``None``.
         alpha: weight of the soft part of the loss.
         samples: which samples feed the statistics: ``"misclassified"``, ``"all"``, ``"correct"`` or ``"none"``.
@@ -67,6 +69,8 @@ class AdaLabel(pl.Callback):
             default: no shrinkage). Row k becomes ``(S_k + m_k prior_k) / (n_k + m_k)`` with ``m_k`` this times
             the samples of class k seen, so a row estimated from a few misclassified samples among many stays
             near the prior.
+        start: ``"uniform"`` (default) or ``"zeros"``: Q starts all-zero (no soft loss until the first refresh).
+        empty_rows: ``"keep"`` (default) or ``"uniform"``: what a refresh does to the row of a class without samples.
         ignore_index: class-index targets equal to it enter neither the loss nor the statistics (torch's default
             -100, the padding label of Hugging Face tokenizers).
         initial_matrix: start Q from this K x K matrix (a tensor, or a ``.pt``/``.csv`` path written by
@@ -97,6 +101,8 @@ class AdaLabel(pl.Callback):
         refresh_every_n_steps: Optional[int] = None,
         prior: Optional[Prior] = None,
         prior_strength: Optional[float] = None,
+        start: Optional[Start] = None,
+        empty_rows: Optional[EmptyRows] = None,
         ignore_index: int = -100,
         initial_matrix: Union[Tensor, str, "os.PathLike[str]", None] = None,
         log_label_matrix: bool = False,
@@ -114,7 +120,8 @@ class AdaLabel(pl.Callback):
         self.preset_name = preset
         self.preset: Preset = resolve_preset(
             preset, alpha=alpha, samples=samples, estimator=estimator, momentum=momentum, loss=loss,
-            include_diagonal=include_diagonal, prior=prior, prior_strength=prior_strength,
+            include_diagonal=include_diagonal, prior=prior, prior_strength=prior_strength, start=start,
+            empty_rows=empty_rows,
         )
         self.num_classes = num_classes
         self.refresh_every_n_steps = refresh_every_n_steps
@@ -195,15 +202,8 @@ class AdaLabel(pl.Callback):
             num_classes = logits.shape[1]
             check_class_names(self.class_names, num_classes)
             self._label_matrix = LabelMatrix(
-                num_classes,
-                samples=self.preset.samples,
-                estimator=self.preset.estimator,
-                momentum=self.preset.momentum,
-                include_diagonal=self.preset.include_diagonal,
-                device=logits.device,
-                initial_matrix=self.initial_matrix,
-                prior=self.preset.prior,
-                prior_strength=self.preset.prior_strength,
+                num_classes, device=logits.device, initial_matrix=self.initial_matrix,
+                **self.preset.engine_settings(),  # type: ignore[arg-type]
             )
         if self._label_matrix.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
             self._label_matrix.to(logits.device)
@@ -383,11 +383,7 @@ class AdaLabel(pl.Callback):
             check_int("the checkpoint's num_classes", num_classes, minimum=2)
             check_class_names(self.class_names, num_classes)
             device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
-            restored = LabelMatrix(
-                num_classes, self.preset.samples, self.preset.estimator, self.preset.momentum,  # type: ignore[arg-type]
-                self.preset.include_diagonal, device=device, prior=self.preset.prior,
-                prior_strength=self.preset.prior_strength,
-            )
+            restored = LabelMatrix(num_classes, device=device, **self.preset.engine_settings())  # type: ignore[arg-type]
             restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
             self._label_matrix = restored
         self._last_refresh_step = state_dict["last_refresh_step"]

@@ -173,9 +173,10 @@ def refreshed_rows(
 
 def _label_matrix_compute(
     matrix: Tensor, stats: Tensor, estimator: str, momentum: float, include_diagonal: bool, prior: str = "uniform",
-    prior_strength: float = 0.0,
+    prior_strength: float = 0.0, empty_rows: str = "keep",
 ) -> Tensor:
-    """The refreshed Q from (reduced) statistics: rows that received no sample keep their value.
+    """The refreshed Q from (reduced) statistics: rows that received no sample keep their value, or with
+    ``empty_rows="uniform"`` (the official Online Label Smoothing) are reset to the uniform row.
 
     With ``prior_strength`` s > 0 each refreshed row is shrunk toward a prior (``"uniform"``: the initial matrix;
     ``"previous"``: the row as it is) with the pseudo-count ``m_k = s * seen_k``: proportional to the samples of
@@ -184,13 +185,16 @@ def _label_matrix_compute(
     a row with many (label noise) follows its statistics.
     """
     counts = stats[:, _COUNT]
+    num_classes = matrix.shape[0]
     prior_matrix, pseudo_counts = None, None
     if prior_strength > 0:
-        num_classes = matrix.shape[0]
         prior_matrix = matrix if prior == "previous" else initial_label_matrix(num_classes, include_diagonal,
                                                                                matrix.device)
         pseudo_counts = prior_strength * stats[:, _SEEN]
     estimate = refreshed_rows(stats[:, _SUMS], counts, estimator, include_diagonal, prior_matrix, pseudo_counts)
+    if empty_rows == "uniform":
+        uniform = initial_label_matrix(num_classes, include_diagonal, matrix.device)
+        return torch.lerp(matrix, torch.where(counts[:, None] > 0, estimate, uniform), momentum)
     return torch.where(counts[:, None] > 0, torch.lerp(matrix, estimate, momentum), matrix)
 
 
@@ -212,6 +216,10 @@ class LabelMatrix:
             (the row before the refresh).
         prior_strength: the prior's pseudo-count per sample of the class seen since the last refresh (0: no
             shrinkage, each row is its statistics' estimate); see :func:`_label_matrix_compute`.
+        start: ``"uniform"`` (the initial matrix above) or ``"zeros"``: Q starts all-zero, so the soft part of the
+            loss is 0 until the first refresh (the official Online Label Smoothing code).
+        empty_rows: at a refresh, a row without samples is kept (``"keep"``) or reset to uniform (``"uniform"``, the
+            official Online Label Smoothing code).
 
     Example:
         >>> matrix = LabelMatrix(3, samples="all")
@@ -236,9 +244,11 @@ class LabelMatrix:
         initial_matrix: Optional[Tensor] = None,
         prior: str = "uniform",
         prior_strength: float = 0.0,
+        start: str = "uniform",
+        empty_rows: str = "keep",
     ) -> None:
         check_int("num_classes", num_classes, minimum=2)
-        check_engine_config(samples, estimator, momentum, include_diagonal, prior, prior_strength)
+        check_engine_config(samples, estimator, momentum, include_diagonal, prior, prior_strength, start, empty_rows)
         self.num_classes = num_classes
         self.samples = samples
         self.estimator = estimator
@@ -246,7 +256,13 @@ class LabelMatrix:
         self.include_diagonal = include_diagonal
         self.prior = prior
         self.prior_strength = float(prior_strength)
-        if initial_matrix is None:
+        self.start = start
+        self.empty_rows = empty_rows
+        if initial_matrix is not None and start == "zeros":
+            raise ValueError("`start='zeros'` and `initial_matrix` exclude each other: give one or the other.")
+        if start == "zeros":
+            self.matrix = torch.zeros(num_classes, num_classes, device=device)
+        elif initial_matrix is None:
             self.matrix = initial_label_matrix(num_classes, include_diagonal, device)
         else:  # e.g. a matrix learned by an earlier run (load_label_matrix), used as a fixed or warm-start Q
             validate_label_matrix(initial_matrix, num_classes, include_diagonal)
@@ -315,7 +331,8 @@ class LabelMatrix:
         stats = self.accumulator if reduce is None else reduce(self.accumulator)
         if self.samples != "none":
             self.matrix = _label_matrix_compute(self.matrix, stats, self.estimator, self.momentum,
-                                                self.include_diagonal, self.prior, self.prior_strength)
+                                                self.include_diagonal, self.prior, self.prior_strength,
+                                                self.empty_rows)
         self.accumulator = torch.zeros_like(self.accumulator)
         self.num_refreshes += 1
         return stats
@@ -334,6 +351,8 @@ class LabelMatrix:
             "include_diagonal": self.include_diagonal,
             "prior": self.prior,
             "prior_strength": self.prior_strength,
+            "start": self.start,
+            "empty_rows": self.empty_rows,
             # Clones: the accumulator is updated in place, and a checkpoint may be written asynchronously.
             "matrix": self.matrix.clone(),
             "accumulator": self.accumulator.clone(),
@@ -356,7 +375,7 @@ class LabelMatrix:
             )
         matrix, accumulator = state["matrix"], state["accumulator"]
         try:
-            validate_label_matrix(matrix, self.num_classes, self.include_diagonal)
+            validate_label_matrix(matrix, self.num_classes, self.include_diagonal, self.start == "zeros")
         except ValueError as error:
             raise ValueError(f"The saved label matrix is not valid: {error}") from error
         expected = (self.num_classes, self.num_classes + _STAT_COLUMNS)
@@ -379,13 +398,15 @@ class LabelMatrix:
         return (
             f"{type(self).__name__}(num_classes={self.num_classes}, samples={self.samples!r},"
             f" estimator={self.estimator!r}, momentum={self.momentum}, include_diagonal={self.include_diagonal},"
-            f" prior={self.prior!r}, prior_strength={self.prior_strength})"
+            f" prior={self.prior!r}, prior_strength={self.prior_strength}, start={self.start!r},"
+            f" empty_rows={self.empty_rows!r})"
         )
 
 
-_CONFIG_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "prior", "prior_strength")
+_CONFIG_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "prior", "prior_strength",
+                "start", "empty_rows")
 # Settings added after version 1 of the state; a state without them was written with these values.
-_STATE_DEFAULTS = {"prior": "uniform", "prior_strength": 0.0}
+_STATE_DEFAULTS = {"prior": "uniform", "prior_strength": 0.0, "start": "uniform", "empty_rows": "keep"}
 _STATE_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "matrix", "accumulator",
                "num_refreshes")
 

@@ -20,6 +20,8 @@ class Preset:
         prior: what a refreshed row is shrunk toward, ``"uniform"`` or ``"previous"`` (see ``prior_strength``).
         prior_strength: the prior's pseudo-count per sample of the class seen since the last refresh; 0 (the
             default) refreshes each row to its statistics' estimate alone.
+        start: ``"uniform"`` or ``"zeros"`` (Q starts all-zero: no soft loss until the first refresh).
+        empty_rows: at a refresh a row without samples is kept (``"keep"``) or reset to uniform (``"uniform"``).
     """
 
     samples: str
@@ -30,10 +32,12 @@ class Preset:
     alpha: float
     prior: str = "uniform"
     prior_strength: float = 0.0
+    start: str = "uniform"
+    empty_rows: str = "keep"
 
     def __post_init__(self) -> None:
         check_engine_config(self.samples, self.estimator, self.momentum, self.include_diagonal, self.prior,
-                            self.prior_strength)
+                            self.prior_strength, self.start, self.empty_rows)
         check_choice("loss", self.loss, LOSS_MODES)
         check_number("alpha", self.alpha, 0.0)
         if self.loss == "mixed" and self.alpha > 1:
@@ -52,6 +56,10 @@ class Preset:
                 " loss='mixed'."
             )
 
+    def engine_settings(self) -> Dict[str, object]:
+        """The :class:`~lightning_adalabel.LabelMatrix` keyword arguments of this preset (all but the loss)."""
+        return {key: value for key, value in self.__dict__.items() if key not in ("loss", "alpha")}
+
 
 PRESETS: Dict[str, Preset] = {
     # ALR: learn from the misclassified samples' predictions over wrong classes. Chosen by benchmarks/accuracy.py
@@ -61,6 +69,10 @@ PRESETS: Dict[str, Preset] = {
                   alpha=1.0),
     # Online Label Smoothing (Zhang et al. 2021): full softmax of correct samples, 0.5 CE(z, y) + 0.5 CE(z, Q[y]).
     "ols": Preset(samples="correct", estimator="mean", momentum=1.0, include_diagonal=True, loss="mixed", alpha=0.5),
+    # OLS exactly as its official code runs it: Q starts all-zero (the first epoch trains on 0.5 x CE alone) and a
+    # class with no correct sample in an epoch gets the uniform row 1/K (where "ols" keeps its previous row).
+    "ols_official": Preset(samples="correct", estimator="mean", momentum=1.0, include_diagonal=True, loss="mixed",
+                           alpha=0.5, start="zeros", empty_rows="uniform"),
     # Uniform Q over all K classes, never refreshed: exactly F.cross_entropy(..., label_smoothing=alpha).
     "label_smoothing": Preset(samples="none", estimator="mean", momentum=1.0, include_diagonal=True, loss="mixed",
                               alpha=0.1),

@@ -15,6 +15,8 @@ ESTIMATORS = ("mean", "geometric", "confusion")
 LOSS_MODES = ("decoupled", "mixed", "ce")
 REDUCTIONS = ("mean", "sum", "none")
 PRIORS = ("uniform", "previous")
+STARTS = ("uniform", "zeros")
+EMPTY_ROWS = ("keep", "uniform")
 
 
 def check_int(name: str, value: Any, minimum: int, allow_none: bool = False, hint: str = "") -> None:
@@ -89,7 +91,7 @@ def check_number(
 
 def check_engine_config(
     samples: str, estimator: str, momentum: float, include_diagonal: bool, prior: str = "uniform",
-    prior_strength: float = 0.0,
+    prior_strength: float = 0.0, start: str = "uniform", empty_rows: str = "keep",
 ) -> None:
     """The settings that define how the label matrix learns (shared by :class:`~lightning_adalabel.Preset` and
     :class:`~lightning_adalabel.LabelMatrix`)."""
@@ -105,6 +107,8 @@ def check_engine_config(
         "prior_strength", prior_strength, 0.0,
         hint=" It is the prior's pseudo-count per sample of the class seen since the last refresh; 0 turns it off.",
     )
+    check_choice("start", start, STARTS)
+    check_choice("empty_rows", empty_rows, EMPTY_ROWS)
 
 
 def check_class_names(class_names: Optional[Sequence[Any]], num_classes: Optional[int]) -> None:
@@ -120,12 +124,15 @@ def check_class_names(class_names: Optional[Sequence[Any]], num_classes: Optiona
         raise ValueError(f"Got {len(class_names)} `class_names` for {num_classes} classes; give one name per class.")
 
 
-def validate_label_matrix(matrix: Tensor, num_classes: Optional[int] = None, include_diagonal: bool = False) -> None:
+def validate_label_matrix(
+    matrix: Tensor, num_classes: Optional[int] = None, include_diagonal: bool = False, allow_zero_rows: bool = False
+) -> None:
     """Raise a ``ValueError`` that names the problem and the fix unless ``matrix`` is a valid label matrix.
 
     Valid: a K x K float tensor (K = ``num_classes`` when given), finite, non-negative, rows summing to 1, and for a
-    residual matrix (``include_diagonal=False``, the ALR default) a zero diagonal. Reads values: call it when a
-    matrix arrives (a file, a checkpoint, an argument), never per batch.
+    residual matrix (``include_diagonal=False``, the ALR default) a zero diagonal; with ``allow_zero_rows`` (a
+    matrix that starts from zeros, as the official Online Label Smoothing) an all-zero row is valid too. Reads
+    values: call it when a matrix arrives (a file, a checkpoint, an argument), never per batch.
 
     Example:
         >>> from lightning_adalabel import initial_label_matrix
@@ -153,8 +160,11 @@ def validate_label_matrix(matrix: Tensor, num_classes: Optional[int] = None, inc
             f"A label matrix must be non-negative (its rows are probabilities), got a minimum of {matrix.min():.4g}."
         )
     row_sums = matrix.sum(dim=1)
-    if not torch.allclose(row_sums, torch.ones_like(row_sums), atol=1e-4):
-        worst = int((row_sums - 1).abs().argmax())
+    bad_rows = (row_sums - 1).abs() > 1e-4
+    if allow_zero_rows:
+        bad_rows &= row_sums != 0
+    if bool(bad_rows.any()):
+        worst = int(((row_sums - 1).abs() * bad_rows).argmax())
         raise ValueError(
             f"Every row of a label matrix must sum to 1, but row {worst} sums to {row_sums[worst]:.6g}. Normalise it"
             " first: `matrix / matrix.sum(dim=1, keepdim=True)`."

@@ -112,7 +112,7 @@ def test_two_callbacks_are_a_clear_error():
     "kwargs, error, message",
     [
         ({"preset": "focal"}, ValueError,
-         r"`preset` must be one of \('alr', 'ols', 'label_smoothing', 'fixed', 'none'\), got 'focal'"),
+         r"`preset` must be one of \('alr', 'ols', 'ols_official', 'label_smoothing', 'fixed', 'none'\), got 'focal'"),
         ({"alpha": -0.1}, ValueError, "`alpha` must be a finite number >= 0"),
         ({"loss": "mixed", "alpha": 1.5}, ValueError, r"`alpha` must be in \[0, 1\] for the 'mixed' loss"),
         ({"samples": "some"}, ValueError, "`samples` must be one of"),

@@ -215,3 +215,29 @@ def test_bad_configuration_is_a_clear_error(kwargs, message):
 def test_badly_shaped_batch_is_a_clear_error(logits, target, message):
     with pytest.raises(ValueError, match=message):
         LabelMatrix(3).update(logits, target)
+
+
+@pytest.mark.parametrize("empty_rows", ["keep", "uniform"])
+def test_a_row_without_samples_is_kept_or_reset_to_uniform(empty_rows):
+    engine = LabelMatrix(4, samples="all", include_diagonal=True, empty_rows=empty_rows)
+    engine.update(3 * torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    engine.refresh()
+    learned = engine.matrix.clone()
+    engine.update(torch.randn(2, 4), torch.tensor([0, 1]))  # classes 2 and 3 get no sample this time
+    engine.refresh()
+    expected = learned[[2, 3]] if empty_rows == "keep" else torch.full((2, 4), 0.25)
+    torch.testing.assert_close(engine.matrix[[2, 3]], expected)
+
+
+def test_a_matrix_that_starts_from_zeros_resumes_and_others_refuse_zero_rows():
+    engine = LabelMatrix(3, samples="all", include_diagonal=True, start="zeros")
+    assert torch.equal(engine.matrix, torch.zeros(3, 3))
+    restored = LabelMatrix(3, samples="all", include_diagonal=True, start="zeros")
+    restored.load_state_dict(engine.state_dict())  # all-zero rows are valid before its first refresh
+    assert torch.equal(restored.matrix, engine.matrix)
+    state = LabelMatrix(3, samples="all", include_diagonal=True).state_dict()
+    state["matrix"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match="must sum to 1"):
+        LabelMatrix(3, samples="all", include_diagonal=True).load_state_dict(state)
+    with pytest.raises(ValueError, match="exclude each other"):
+        LabelMatrix(3, start="zeros", initial_matrix=initial_label_matrix(3))

@@ -76,3 +76,59 @@ def test_resolve_preset_applies_overrides_and_validates_them():
         resolve_preset("focal")
     with pytest.raises(TypeError, match=r"Unknown preset fields \['alhpa'\]"):
         resolve_preset("alr", alhpa=0.3)
+
+
+class EpochRecorder(TinyClassifier):
+    """Records every training step's logits, targets, loss and epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.adalabel_loss(logits, y)
+        self.records.append((self.current_epoch, logits.detach().clone(), y, loss.detach()))
+        return loss
+
+
+def test_ols_official_matches_a_reference_written_from_the_official_code():
+    """Online Label Smoothing as its authors' code runs it: Q starts all-zero, so the first epoch trains on 0.5 x CE
+    alone; after each epoch row k is the mean softmax of the epoch's correctly classified samples of class k, or the
+    uniform 1/K when there was none (where preset "ols" keeps its previous row)."""
+    num_classes, epochs = 5, 3
+    model = EpochRecorder()
+    with torch.no_grad():
+        model.net.bias[4] = -50.0  # class 4 is never predicted, so never correct: its row must become 1/K
+    callback = AdaLabel("ols_official")
+    fit(callback, model, max_epochs=epochs)
+    q = torch.zeros(num_classes, num_classes)
+    for epoch in range(epochs):
+        sums, counts = torch.zeros(num_classes, num_classes), torch.zeros(num_classes)
+        for record_epoch, logits, y, loss in model.records:
+            if record_epoch != epoch:
+                continue
+            log_p = logits.log_softmax(dim=1)
+            expected = 0.5 * F.cross_entropy(logits, y) + 0.5 * -(q[y] * log_p).sum(dim=1).mean()
+            torch.testing.assert_close(loss, expected)
+            for z, label in zip(logits, y.tolist()):  # one sample at a time, as the official code
+                if int(z.argmax()) == label:
+                    sums[label] += z.softmax(dim=0)
+                    counts[label] += 1
+        q = torch.stack([sums[k] / counts[k] if counts[k] > 0 else torch.full((num_classes,), 1 / num_classes)
+                         for k in range(num_classes)])
+    assert counts[4] == 0 and torch.equal(q[4], torch.full((num_classes,), 0.2))
+    torch.testing.assert_close(callback.label_matrix.matrix, q)
+    first_epoch_losses = [loss for record_epoch, _, _, loss in model.records if record_epoch == 0]
+    assert len(first_epoch_losses) == 8
+
+
+def test_ols_keeps_the_row_of_a_class_without_correct_samples():
+    model = EpochRecorder()
+    with torch.no_grad():
+        model.net.bias[4] = -50.0
+    callback = AdaLabel("ols")
+    fit(callback, model, max_epochs=2)
+    assert torch.equal(callback.label_matrix.matrix[4], initial_label_matrix(5, include_diagonal=True)[4])
+    assert not torch.equal(callback.label_matrix.matrix[0], initial_label_matrix(5, include_diagonal=True)[0])
