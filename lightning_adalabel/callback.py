@@ -54,7 +54,8 @@ class AdaLabel(pl.Callback):
 
     Args:
         preset: ``"alr"`` (default), ``"ols"`` (Online Label Smoothing), ``"ols_official"`` (OLS as its official
-            code runs it), ``"label_smoothing"``, ``"fixed"`` or ``"none"`` (plain cross-entropy); see :data:`~lightning_adalabel.PRESETS`. The arguments below override it.
+            code runs it), ``"label_smoothing"``, ``"fixed"`` or ``"none"`` (plain cross-entropy); see
+            :data:`~lightning_adalabel.PRESETS`. The arguments below override it.
         num_classes: K; inferred from the first batch's logits when ``None``.
         alpha: weight of the soft part of the loss.
         samples: which samples feed the statistics: ``"misclassified"``, ``"all"``, ``"correct"`` or ``"none"``.
