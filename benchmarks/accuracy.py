@@ -1,5 +1,7 @@
-"""Accuracy benchmark: every preset and the ALR variants on scikit-learn's digits, clean and with label noise.
+"""Accuracy benchmark: every preset and the ALR variants, clean and with label noise, on two tasks.
 
+``--task digits`` (default): scikit-learn's digits, 10 classes, a small CNN. ``--task superclasses``: 50 classes in
+10 superclasses of 5 (benchmarks/superclasses.py), a small MLP; harder, and with class structure for Q to learn.
 Every run goes through the package's own API (``run_digits(..., callback=AdaLabel(...))``: a real Trainer, the
 callback and the mixin), so the numbers are those a user gets. The ALR variants move one knob at a time away from
 the current ``alr`` preset, so the table says what each default is worth.
@@ -9,6 +11,7 @@ Usage::
     python benchmarks/accuracy.py --seeds 5 --jobs 2 --out benchmark_results/accuracy
     python benchmarks/accuracy.py --seeds 1 --epochs 5 --settings clean flip-40 --variants none alr  # smoke test
     python benchmarks/accuracy.py --report-only --out benchmark_results/accuracy  # tables from finished runs
+    python benchmarks/accuracy.py --task superclasses --seeds 5 --jobs 2 --out benchmark_results/superclasses
 
 Runs already in ``<out>/runs.csv`` are skipped, so an interrupted benchmark resumes where it stopped.
 """
@@ -23,19 +26,28 @@ from multiprocessing import get_context
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from lightning_adalabel import PRESETS, AdaLabel
-from lightning_adalabel.examples.demo import NUM_CLASSES, RunResult, format_table, run_digits, summarize, write_csv
+from lightning_adalabel.examples.demo import RunResult, format_table, summarize, write_csv
 
-BASELINES = ("none", "label_smoothing", "ols", "alr")
+TASKS = ("digits", "superclasses")
+
+BASELINES = ("none", "label_smoothing", "ols", "ols_official", "alr")
 # The knobs of the ALR preset and the values the benchmark tries, one knob at a time.
 ALR_KNOBS: Dict[str, Tuple[object, ...]] = {
     "samples": ("misclassified", "all", "correct"),
-    "estimator": ("mean", "geometric"),
+    "estimator": ("mean", "geometric", "confusion"),
     "loss": ("decoupled", "mixed"),
     "alpha": (0.1, 0.3, 0.5, 1.0),
+    # Count-aware refresh: pseudo-count per sample of the class seen since the last refresh (0: off).
+    "prior_strength": (0.0, 0.1, 0.3, 1.0),
+    "prior": ("uniform", "previous"),
 }
 # Knob values that only make sense with another knob moved too: the 'mixed' loss with the default alpha of 1.0
 # would give the true class no target mass (AdaLabel refuses it), so it is tried at alpha 0.5.
-KNOB_COMPANIONS: Dict[Tuple[str, object], Dict[str, object]] = {("loss", "mixed"): {"alpha": 0.5}}
+# The 'previous' prior only acts with a pseudo-count, so it is tried at 0.3.
+KNOB_COMPANIONS: Dict[Tuple[str, object], Dict[str, object]] = {
+    ("loss", "mixed"): {"alpha": 0.5},
+    ("prior", "previous"): {"prior_strength": 0.3},
+}
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,7 @@ def method_grid() -> Dict[str, Dict[str, object]]:
         >>> grid["alr"], grid["alr[estimator=geometric]"]
         ({'preset': 'alr'}, {'preset': 'alr', 'estimator': 'geometric'})
         >>> len(grid)
-        11
+        17
     """
     grid: Dict[str, Dict[str, object]] = {name: {"preset": name} for name in BASELINES}
     default = PRESETS["alr"]
@@ -80,14 +92,19 @@ def method_grid() -> Dict[str, Dict[str, object]]:
     return grid
 
 
-def run_one(job: Tuple[str, Dict[str, object], str, int, int]) -> Dict[str, object]:
-    """Train and evaluate one (method, setting, seed); runs in a worker process."""
+def run_one(job: Tuple[str, Dict[str, object], str, int, int, str]) -> Dict[str, object]:
+    """Train and evaluate one (method, setting, seed) of ``task``; runs in a worker process."""
     import torch
 
-    method, kwargs, setting_name, seed, epochs = job
+    method, kwargs, setting_name, seed, epochs, task = job
     torch.set_num_threads(1)  # one core per worker: --jobs 2 on a 2-core machine uses both without contention
     setting = SETTINGS[setting_name]
-    result, _ = run_digits(
+    if task == "digits":
+        from lightning_adalabel.examples.demo import NUM_CLASSES, run_digits as run
+    else:  # benchmarks/superclasses.py, beside this file (the worker's path starts at this file's folder)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from superclasses import NUM_CLASSES, run_superclasses as run
+    result, _ = run(
         method, seed, setting.noise, epochs, progress_bar=False, noise_type=setting.noise_type,
         callback=AdaLabel(num_classes=NUM_CLASSES, **kwargs),  # type: ignore[arg-type]
     )
@@ -153,6 +170,9 @@ def plot(summaries: Dict[str, List[Dict[str, object]]], path: str) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     grid = method_grid()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="digits", choices=TASKS,
+                        help="digits (10 classes, scikit-learn) or superclasses (50 classes in 10 groups of 5,"
+                             " benchmarks/superclasses.py)")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per (method, setting) (default: 5)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--variants", nargs="+", default=list(grid), metavar="METHOD",
@@ -180,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Method-major order: every setting of one method finishes before the next method starts, so a partial run
     # already compares the first methods (the presets) everywhere.
     jobs = [
-        (method, grid[method], setting, seed, args.epochs)
+        (method, grid[method], setting, seed, args.epochs, args.task)
         for method in args.variants for setting in args.settings for seed in range(args.seeds)
         if (setting, method, seed) not in done
     ]
