@@ -38,7 +38,7 @@ ALR_KNOBS: Dict[str, Tuple[object, ...]] = {
     "loss": ("decoupled", "mixed"),
     "alpha": (0.1, 0.3, 0.5, 1.0),
     # Count-aware refresh: pseudo-count per sample of the class seen since the last refresh (0: off).
-    "prior_strength": (0.0, 0.1, 0.3, 1.0),
+    "prior_strength": (0.0, 0.03, 0.1, 0.3, 1.0),
     "prior": ("uniform", "previous"),
 }
 # Knob values that only make sense with another knob moved too: the 'mixed' loss with the default alpha of 1.0
@@ -48,6 +48,13 @@ KNOB_COMPANIONS: Dict[Tuple[str, object], Dict[str, object]] = {
     ("loss", "mixed"): {"alpha": 0.5},
     ("prior", "previous"): {"prior_strength": 0.3},
 }
+# Variants that move several knobs at once: the 'previous' prior at other strengths, and it with the confusion
+# estimator (the two changes that did best on clean and on class-dependent noise, one knob at a time).
+COMBINATIONS: Tuple[Dict[str, object], ...] = (
+    {"prior": "previous", "prior_strength": 1.0},
+    {"prior": "previous", "prior_strength": 3.0},
+    {"estimator": "confusion", "prior": "previous", "prior_strength": 0.3},
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ def method_grid() -> Dict[str, Dict[str, object]]:
         >>> grid["alr"], grid["alr[estimator=geometric]"]
         ({'preset': 'alr'}, {'preset': 'alr', 'estimator': 'geometric'})
         >>> len(grid)
-        17
+        21
     """
     grid: Dict[str, Dict[str, object]] = {name: {"preset": name} for name in BASELINES}
     default = PRESETS["alr"]
@@ -89,6 +96,9 @@ def method_grid() -> Dict[str, Dict[str, object]]:
                 changes = {knob: value, **KNOB_COMPANIONS.get((knob, value), {})}
                 grid["alr[" + ",".join(f"{name}={setting}" for name, setting in changes.items()) + "]"] = {
                     "preset": "alr", **changes}
+    for changes in COMBINATIONS:
+        grid["alr[" + ",".join(f"{name}={setting}" for name, setting in changes.items()) + "]"] = {
+            "preset": "alr", **changes}
     return grid
 
 
