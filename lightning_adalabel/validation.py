@@ -109,6 +109,11 @@ def check_engine_config(
     )
     check_choice("start", start, STARTS)
     check_choice("empty_rows", empty_rows, EMPTY_ROWS)
+    if start == "zeros" and prior == "previous" and prior_strength > 0:
+        raise ValueError(
+            "A matrix that starts from zeros has all-zero rows until they first receive samples, so the 'previous'"
+            " prior would shrink them toward zero (rows no longer summing to 1). Use prior='uniform'."
+        )
 
 
 def check_class_names(class_names: Optional[Sequence[Any]], num_classes: Optional[int]) -> None:

@@ -123,6 +123,8 @@ def test_two_callbacks_are_a_clear_error():
         ({"loss": "mixed"}, ValueError, r"alpha=1.0 gives the true class no target mass"),
         ({"num_classes": 1}, ValueError, "`num_classes` must be an integer >= 2"),
         ({"refresh_every_n_steps": 0}, ValueError, r"`refresh_every_n_steps` must be an integer >= 1 or None"),
+        ({"preset": "ols_official", "prior": "previous", "prior_strength": 0.3}, ValueError,
+         r"starts from zeros .* Use prior='uniform'"),
         ({"prior": "beta"}, ValueError, r"`prior` must be one of \('uniform', 'previous'\), got 'beta'"),
         ({"prior_strength": -1.0}, ValueError, r"`prior_strength` must be a finite number >= 0.0, got -1.0"),
         ({"prior_strength": float("inf")}, ValueError, r"`prior_strength` must be a finite number >= 0.0, got inf"),
