@@ -144,7 +144,7 @@ def to_result(row: Dict[str, object]) -> RunResult:
     )
 
 
-def plot(summaries: Dict[str, List[Dict[str, object]]], path: str) -> None:
+def plot(summaries: Dict[str, List[Dict[str, object]]], path: str, task: str = "digits") -> None:
     """Grouped bars: test accuracy (mean and standard error) of every method in every setting."""
     import matplotlib
 
@@ -170,7 +170,8 @@ def plot(summaries: Dict[str, List[Dict[str, object]]], path: str) -> None:
     axes.set_ylim(max(0.0, low - 5.0), 100.0)
     axes.set_xticks(range(len(settings)), labels=settings)
     axes.set_ylabel("test accuracy (%)")
-    axes.set_title("Digits: test accuracy by training-label condition (mean ± s.e. over seeds)")
+    title = {"digits": "Digits", "superclasses": "Superclasses (50 classes in 10 groups of 5)"}[task]
+    axes.set_title(f"{title}: test accuracy by training-label condition (mean ± s.e. over seeds)")
     axes.legend(fontsize=7, ncol=2, loc="lower left")
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -248,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("No finished runs to report.")
         return 1
     write_csv(os.path.join(args.out, "summary.csv"), summary_rows)
-    plot(summaries, os.path.join(args.out, "accuracy.png"))
+    plot(summaries, os.path.join(args.out, "accuracy.png"), args.task)
     print(f"\nResults: {runs_path}, {os.path.join(args.out, 'summary.csv')}, {os.path.join(args.out, 'accuracy.png')}")
     return 0
 
