@@ -132,3 +132,12 @@ def test_ols_keeps_the_row_of_a_class_without_correct_samples():
     fit(callback, model, max_epochs=2)
     assert torch.equal(callback.label_matrix.matrix[4], initial_label_matrix(5, include_diagonal=True)[4])
     assert not torch.equal(callback.label_matrix.matrix[0], initial_label_matrix(5, include_diagonal=True)[0])
+
+
+def test_the_callbacks_preset_choices_are_the_presets():
+    """AdaLabel's `preset` annotation (what LightningCLI validates against) lists exactly PRESETS, in order."""
+    from typing import get_args
+
+    from lightning_adalabel.callback import PresetName
+
+    assert get_args(PresetName) == tuple(PRESETS)

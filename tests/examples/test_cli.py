@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from lightning_adalabel import PRESETS
 from lightning_adalabel.examples.cli import main
 
 # A text recipe with a tiny hashing space: the model is built in milliseconds, and nothing trains.
 AGNEWS = ["--config", "agnews", "--model.num_buckets", "64", "--data.num_buckets", "64"]
-PRESETS = ("alr", "ols", "label_smoothing", "fixed", "none")
 
 
 def error_line(capsys) -> str:
