@@ -25,6 +25,22 @@ class TinyClassifier(AdaLabelMixin, L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
+class StepRecorder(TinyClassifier):
+    """Trains with ``adalabel_loss`` and records ``(epoch, logits, targets, loss)`` of every training step, so a test
+    can replay the run through a reference."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.records: List[Tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.adalabel_loss(logits, y)
+        self.records.append((self.current_epoch, logits.detach().clone(), y, loss.detach()))
+        return loss
+
+
 def make_loader(
     num_samples: int = 128, in_features: int = 8, num_classes: int = 5, batch_size: int = 16, seed: int = 0
 ) -> DataLoader:

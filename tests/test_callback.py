@@ -6,26 +6,17 @@ import pytest
 import torch
 
 from lightning_adalabel import AdaLabel
-from tests.helpers import TinyClassifier, fit, make_loader, trainer_kwargs
+from tests.helpers import StepRecorder, TinyClassifier, fit, make_loader, trainer_kwargs
 
 
 def test_statistics_match_the_engine_fed_by_hand():
     """The callback accumulates exactly the training batches' logits (those the loss saw)."""
     from lightning_adalabel import LabelMatrix
 
-    class KeepLogits(TinyClassifier):
-        seen = []
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            logits = self(x)
-            self.seen.append((logits.detach().clone(), y))
-            return self.adalabel_loss(logits, y)
-
     callback = AdaLabel(samples="all", refresh_every_n_steps=1000)
-    fit(callback, KeepLogits())
+    _, model = fit(callback, StepRecorder())
     by_hand = LabelMatrix(5, samples="all")
-    for logits, y in KeepLogits.seen:
+    for _, logits, y, _ in model.records:
         by_hand.update(logits, y)
     torch.testing.assert_close(callback.label_matrix.accumulator, by_hand.accumulator)
 
@@ -34,21 +25,10 @@ def test_statistics_match_the_engine_fed_by_hand():
 def test_count_aware_refresh_every_n_steps_matches_the_engine_fed_by_hand(prior):
     from lightning_adalabel import LabelMatrix
 
-    class KeepLogits(TinyClassifier):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            logits = self(x)
-            self.seen.append((logits.detach().clone(), y))
-            return self.adalabel_loss(logits, y)
-
     callback = AdaLabel(samples="all", prior=prior, prior_strength=0.3, refresh_every_n_steps=3)
-    _, model = fit(callback, KeepLogits(), max_epochs=2)  # 16 steps: refreshes at 3, 6, ..., 15
+    _, model = fit(callback, StepRecorder(), max_epochs=2)  # 16 steps: refreshes at 3, 6, ..., 15
     by_hand = LabelMatrix(5, samples="all", prior=prior, prior_strength=0.3)
-    for step, (logits, y) in enumerate(model.seen, start=1):
+    for step, (_, logits, y, _) in enumerate(model.records, start=1):
         by_hand.update(logits, y)
         if step % 3 == 0:
             by_hand.refresh()

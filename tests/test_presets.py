@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_adalabel import AdaLabel, PRESETS, Preset, initial_label_matrix, resolve_preset
-from tests.helpers import TinyClassifier, fit
+from tests.helpers import StepRecorder, TinyClassifier, fit
 
 
 @pytest.mark.parametrize("preset", ["alr", "ols"])
@@ -78,27 +78,12 @@ def test_resolve_preset_applies_overrides_and_validates_them():
         resolve_preset("alr", alhpa=0.3)
 
 
-class EpochRecorder(TinyClassifier):
-    """Records every training step's logits, targets, loss and epoch."""
-
-    def __init__(self):
-        super().__init__()
-        self.records = []
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        loss = self.adalabel_loss(logits, y)
-        self.records.append((self.current_epoch, logits.detach().clone(), y, loss.detach()))
-        return loss
-
-
 def test_ols_official_matches_a_reference_written_from_the_official_code():
     """Online Label Smoothing as its authors' code runs it: Q starts all-zero, so the first epoch trains on 0.5 x CE
     alone; after each epoch row k is the mean softmax of the epoch's correctly classified samples of class k, or the
     uniform 1/K when there was none (where preset "ols" keeps its previous row)."""
     num_classes, epochs = 5, 3
-    model = EpochRecorder()
+    model = StepRecorder()
     with torch.no_grad():
         model.net.bias[4] = -50.0  # class 4 is never predicted, so never correct: its row must become 1/K
     callback = AdaLabel("ols_official")
@@ -125,7 +110,7 @@ def test_ols_official_matches_a_reference_written_from_the_official_code():
 
 
 def test_ols_keeps_the_row_of_a_class_without_correct_samples():
-    model = EpochRecorder()
+    model = StepRecorder()
     with torch.no_grad():
         model.net.bias[4] = -50.0
     callback = AdaLabel("ols")
