@@ -15,16 +15,14 @@ Noise: ``symmetric`` sends a corrupted label to a uniformly random other class; 
 same superclass (``k -> 5 * (k // 5) + (k + 1) % 5``), the usual class-dependent noise of CIFAR-100 benchmarks.
 """
 
-import time
 from typing import Any, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_adalabel import AdaLabel, AdaLabelMixin
-from lightning_adalabel.examples.demo import RunResult, evaluate
+from lightning_adalabel.examples.demo import RunResult, train_and_evaluate
 
 NUM_SUPERCLASSES, PER_SUPERCLASS = 10, 5
 NUM_CLASSES = NUM_SUPERCLASSES * PER_SUPERCLASS
@@ -109,15 +107,8 @@ def run_superclasses(
 ) -> Tuple[RunResult, AdaLabel]:
     """Train :class:`SuperclassMLP` with ``callback`` (default ``AdaLabel(preset=method)``) and evaluate it on the
     clean test set; the same contract as :func:`lightning_adalabel.examples.demo.run_digits`."""
-    x_train, y_train, x_test, y_test = load_superclass_split(noise, seed, noise_type)
-    L.seed_everything(seed, verbose=False)
-    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
     callback = callback if callback is not None else AdaLabel(preset=method, num_classes=NUM_CLASSES)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[callback, *extra_callbacks], logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=progress_bar)
-    model = SuperclassMLP()
-    start = time.perf_counter()
-    trainer.fit(model, loader)
-    seconds = time.perf_counter() - start
-    return RunResult(method, seed, noise, seconds=seconds, **evaluate(model, x_test, y_test)), callback
+    split = load_superclass_split(noise, seed, noise_type)
+    result = train_and_evaluate(SuperclassMLP, split, callback, method, seed, noise, epochs, batch_size, progress_bar,
+                                extra_callbacks)
+    return result, callback

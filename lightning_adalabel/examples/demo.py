@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -143,13 +143,34 @@ def run_digits(
 
     Returns the result row and the callback, whose ``label_matrix`` holds the learned Q.
     """
-    x_train, y_train, x_test, y_test = load_digits_split(noise, seed, noise_type)
+    callback = callback if callback is not None else AdaLabel(preset=method, num_classes=NUM_CLASSES)
+    split = load_digits_split(noise, seed, noise_type)
+    result = train_and_evaluate(DigitsCNN, split, callback, method, seed, noise, epochs, batch_size, progress_bar,
+                                extra_callbacks, **trainer_overrides)
+    return result, callback
+
+
+def train_and_evaluate(
+    make_model: Callable[[], L.LightningModule],
+    split: Tuple[Tensor, Tensor, Tensor, Tensor],
+    callback: AdaLabel,
+    method: str,
+    seed: int,
+    noise: float,
+    epochs: int,
+    batch_size: int,
+    progress_bar: bool = False,
+    extra_callbacks: Sequence[L.Callback] = (),
+    **trainer_overrides: Any,
+) -> RunResult:
+    """One run of any task: seed, train ``make_model()`` on the split's training part with ``callback`` through a
+    real Trainer (shuffled batches from a ``seed``-ed generator), and evaluate it on the split's test part."""
+    x_train, y_train, x_test, y_test = split
     L.seed_everything(seed, verbose=False)
     loader = DataLoader(
         TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
-    callback = callback if callback is not None else AdaLabel(preset=method, num_classes=NUM_CLASSES)
     trainer = L.Trainer(
         **{
             "accelerator": "cpu",
@@ -162,11 +183,11 @@ def run_digits(
             **trainer_overrides,
         }
     )
-    model = DigitsCNN()
+    model = make_model()  # after the Trainer, as the published runs built it: the same initial weights per seed
     start = time.perf_counter()
     trainer.fit(model, loader)
     seconds = time.perf_counter() - start
-    return RunResult(method, seed, noise, seconds=seconds, **evaluate(model, x_test, y_test)), callback
+    return RunResult(method, seed, noise, seconds=seconds, **evaluate(model, x_test, y_test))
 
 
 def summarize(results: Sequence[RunResult]) -> List[Dict[str, Any]]:
