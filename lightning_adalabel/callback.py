@@ -5,6 +5,7 @@ import os
 import tempfile
 import uuid
 import weakref
+from dataclasses import MISSING, fields
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -26,7 +27,14 @@ from lightning_adalabel.label_matrix_logging import log_label_matrix
 from lightning_adalabel.losses import _reduced_loss
 from lightning_adalabel.module import AdaLabelMixin
 from lightning_adalabel.presets import Preset, resolve_preset
-from lightning_adalabel.validation import check_bool, check_choice, check_class_names, check_int, validate_label_matrix
+from lightning_adalabel.validation import (
+    REDUCTIONS,
+    check_bool,
+    check_choice,
+    check_class_names,
+    check_int,
+    validate_label_matrix,
+)
 
 PresetName = Literal["alr", "ols", "ols_official", "label_smoothing", "fixed", "none"]
 SamplePolicy = Literal["misclassified", "all", "correct", "none"]
@@ -36,8 +44,8 @@ Prior = Literal["uniform", "previous"]
 Start = Literal["uniform", "zeros"]
 EmptyRows = Literal["keep", "uniform"]
 
-# Preset fields added after version 1 of the state, with the value a state without them was written with.
-_CONFIG_DEFAULTS = {"prior": "uniform", "prior_strength": 0.0, "start": "uniform", "empty_rows": "keep"}
+# A state written before a preset field existed was written with the field's default.
+_CONFIG_DEFAULTS = {field.name: field.default for field in fields(Preset) if field.default is not MISSING}
 
 # Version of AdaLabel.state_dict's layout. 1: lightning_adalabel 0.1.0 (no "version" key).
 STATE_VERSION = 2
@@ -181,7 +189,7 @@ class AdaLabel(pl.Callback):
 
     def loss(self, pl_module: "pl.LightningModule", logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         """The configured loss for a batch; during training, the batch is also queued for the statistics."""
-        _arg_validation(self.ignore_index, reduction)
+        check_choice("reduction", reduction, REDUCTIONS)  # ignore_index was checked once, in __init__
         label_matrix = self._label_matrix_for(logits, target)
         training = pl_module.training and torch.is_grad_enabled()
         if training and not self._first_batch_checked:

@@ -21,6 +21,7 @@ The steps follow torchmetrics' naming: :func:`_label_matrix_update` (one batch i
 :func:`_label_matrix_compute` (the refreshed Q from reduced statistics).
 """
 
+import inspect
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -366,7 +367,7 @@ class LabelMatrix:
         mismatched = [
             f"{key}={state.get(key)!r} (this one has {getattr(self, key)!r})"
             for key in _CONFIG_KEYS
-            if state.get(key, _STATE_DEFAULTS.get(key)) != getattr(self, key)
+            if state.get(key, _SETTING_DEFAULTS.get(key)) != getattr(self, key)
         ]
         if mismatched:
             raise ValueError(
@@ -405,8 +406,11 @@ class LabelMatrix:
 
 _CONFIG_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "prior", "prior_strength",
                 "start", "empty_rows")
-# Settings added after version 1 of the state; a state without them was written with these values.
-_STATE_DEFAULTS = {"prior": "uniform", "prior_strength": 0.0, "start": "uniform", "empty_rows": "keep"}
+# A state written before a setting existed was written with the setting's default.
+_SETTING_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(LabelMatrix.__init__).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
 _STATE_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "matrix", "accumulator",
                "num_refreshes")
 

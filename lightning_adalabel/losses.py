@@ -110,7 +110,10 @@ def soft_target_cross_entropy(logits: Tensor, target_probs: Tensor, reduction: s
     """
     if not target_probs.is_floating_point():
         raise ValueError("soft_target_cross_entropy takes probability targets; for class indices use F.cross_entropy.")
-    return _loss(logits, target_probs, target_probs.new_empty(logits.shape[1], 0), "ce", 0.0, -100, reduction)
+    _arg_validation(-100, reduction)
+    _tensor_validation(logits, target_probs)
+    batch = _format(logits, target_probs)
+    return _reduce(_hard_cross_entropy_per_sample(_at_least_float32(batch.logits), batch.target), batch, reduction)
 
 
 def residual_cross_entropy(
