@@ -300,6 +300,14 @@ class LabelMatrix:
         """Number of invalid targets since the last refresh (all in row 0: they have no class)."""
         return self.accumulator[:, _INVALID]
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # torch.multiprocessing (ddp_spawn, DataLoader workers) pickles CPU tensors as shared memory: every process
+        # started from one callback would otherwise update a single accumulator at the same time, losing counts and
+        # then all-reducing them twice. Each process owns its copy.
+        self.__dict__.update(state)
+        self.matrix = self.matrix.clone()
+        self.accumulator = self.accumulator.clone()
+
     def to(self, device: Union[str, torch.device]) -> "LabelMatrix":
         self.matrix = self.matrix.to(device)
         self.accumulator = self.accumulator.to(device)

@@ -14,10 +14,12 @@
 
 import os
 import warnings
+from multiprocessing.reduction import ForkingPickler
 
 import lightning as L
 import pytest
 import torch
+import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducers ddp_spawn pickles tensors with)
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from torch.optim.swa_utils import get_ema_avg_fn
 
@@ -304,6 +306,19 @@ def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process
     assert not torch.equal(engine.matrix, initial_label_matrix(K))
     assert_valid_residual(engine.matrix)
     assert callback.label_matrix is engine  # reading it again changes nothing
+
+
+def test_a_label_matrix_sent_to_another_process_owns_its_tensors():
+    """torch.multiprocessing sends CPU tensors as shared memory; the second ddp_spawn fit of one callback once had
+    both ranks adding into a single accumulator (lost counts, then a doubled all-reduce: rows summing to 0.93)."""
+    callback, model = AdaLabel(), TinyClassifier()
+    fit(callback, model)
+    sent = ForkingPickler.loads(ForkingPickler.dumps(callback))
+    assert torch.equal(sent.label_matrix.matrix, callback.label_matrix.matrix)
+    sent.label_matrix.accumulator.add_(1.0)
+    sent.label_matrix.matrix.zero_()
+    assert not callback.label_matrix.accumulator.any()
+    assert_valid_residual(callback.label_matrix.matrix)
 
 
 # ---- 5. strict settings --------------------------------------------------------------------------------------
