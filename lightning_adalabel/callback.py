@@ -15,14 +15,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_adalabel.inputs import (
-    ClassificationBatch,
     _arg_validation,
     _format,
     _tensor_validation,
     check_values,
     invalid_targets_message,
 )
-from lightning_adalabel.label_matrix import LabelMatrix, statistic_totals
+from lightning_adalabel.label_matrix import BatchStatistics, LabelMatrix, _batch_statistics, statistic_totals
 from lightning_adalabel.label_matrix_logging import log_label_matrix
 from lightning_adalabel.losses import _reduced_loss
 from lightning_adalabel.module import AdaLabelMixin
@@ -166,7 +165,7 @@ class AdaLabel(pl.Callback):
     def _start_fit(self) -> None:
         """Per-fit state: every fit starts with empty statistics and its own refresh schedule (a checkpoint that is
         resumed from restores them after this, in ``load_state_dict``)."""
-        self._pending: List[ClassificationBatch] = []
+        self._pending: List[BatchStatistics] = []
         self._first_batch_checked = False
         self._loss_seen_in_training = False
         self._last_refresh_step = 0
@@ -196,13 +195,18 @@ class AdaLabel(pl.Callback):
             check_values(logits, target, self.ignore_index)  # reads values: once per fit, on the first training batch
             self._first_batch_checked = True
         batch = _format(logits, target, self.ignore_index)
-        if training:
-            # Only queued: on_train_batch_end adds it to the statistics. That keeps the loss a pure function (no
-            # in-place update inside a user's compiled or autocast region), and counts a batch only once its
-            # training step has completed.
-            self._pending.append(batch._replace(logits=batch.logits.detach(), target=batch.target.detach()))
-        return _reduced_loss(logits, target, batch, label_matrix.matrix, self.preset.loss, self.preset.alpha,
-                             self.ignore_index, reduction)
+        if not training or self.preset.loss == "ce":
+            if training:
+                self._pending.append(_batch_statistics(batch, label_matrix.samples, label_matrix.estimator,
+                                                       label_matrix.include_diagonal))
+            return _reduced_loss(logits, target, batch, label_matrix.matrix, self.preset.loss, self.preset.alpha,
+                                 self.ignore_index, reduction)
+        # The statistics come from the loss's own softmax. Only queued: on_train_batch_end adds them. That keeps the
+        # loss a pure function (no in-place update inside a user's compiled or autocast region), and counts a batch
+        # only once its training step has completed.
+        value, statistics = label_matrix._loss_and_statistics(batch, self.preset.loss, self.preset.alpha, reduction)
+        self._pending.append(statistics)
+        return value
 
     def _label_matrix_for(self, logits: Tensor, target: Tensor) -> LabelMatrix:
         known = self._label_matrix.num_classes if self._label_matrix is not None else self.num_classes
@@ -295,8 +299,8 @@ class AdaLabel(pl.Callback):
                 f"{type(pl_module).__name__}.training_step did not call `self.adalabel_loss(logits, y)`, so AdaLabel"
                 " has nothing to learn from. Replace the training loss (e.g. `F.cross_entropy(logits, y)`) with it."
             )
-        for formatted in pending:  # one entry per adalabel_loss call of this step, usually one
-            self._label_matrix.update_batch(formatted)  # type: ignore[union-attr]
+        for statistics in pending:  # one entry per adalabel_loss call of this step, usually one
+            self._label_matrix.add(statistics)  # type: ignore[union-attr]
         if self.refresh_every_n_steps is None:
             self._statistics_epoch = trainer.current_epoch
         else:

@@ -3,9 +3,9 @@
 Pure torch, no Lightning: :class:`LabelMatrix` can be driven by hand, by the :class:`~lightning_adalabel.AdaLabel`
 callback, or by any other training loop.
 
-Layout of the statistics. Everything a refresh needs lives in one ``K x (K + 4)`` float32 tensor, the
-*accumulator*, so that one batch costs a single ``index_add_`` and one refresh costs a single all-reduce. Read it
-through the named properties (:attr:`LabelMatrix.sums`, :attr:`~LabelMatrix.counts`, ...), never by column index:
+Layout of the statistics. Everything a refresh needs is a ``K x (K + 4)`` table, the *accumulator* (what
+``state_dict`` saves). Read it through the named properties (:attr:`LabelMatrix.sums`, :attr:`~LabelMatrix.counts`,
+...), never by column index:
 
 ======================  ==================================================================
 column(s)               meaning (row k = samples whose target class is k)
@@ -17,23 +17,45 @@ column(s)               meaning (row k = samples whose target class is k)
 ``[:, K + 3]``          invalid targets (no class: all are added to row 0), see :mod:`lightning_adalabel.inputs`
 ======================  ==================================================================
 
-The steps follow torchmetrics' naming: :func:`_label_matrix_update` (one batch into the accumulator) and
-:func:`_label_matrix_compute` (the refreshed Q from reduced statistics).
+It is stored as one flat float32 buffer, ``[tallies (K x 4) | sums (K x K) | spare row (K)]``, so that a refresh
+all-reduces one contiguous tensor (its first ``K * (K + 4)`` entries) and a batch adds its statistics with two
+``index_add_`` into contiguous blocks (ten times faster on a CPU than into the columns of a ``K x (K + 4)`` table).
+A sample that is not counted (not selected, or with NaN/Inf logits) adds its statistic to the spare row instead
+of being masked, which saves a pass over the batch; the spare row is never reduced, saved or read.
+
+The steps follow torchmetrics' naming: :func:`_label_matrix_update` (one batch into the accumulator, as
+:func:`_batch_statistics` then :func:`_add_statistics`) and :func:`_label_matrix_compute` (the refreshed Q from
+reduced statistics). :meth:`LabelMatrix.loss` computes the loss and the statistics of a batch from one softmax
+(:mod:`lightning_adalabel.fused`).
 """
 
 import inspect
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from lightning_adalabel.inputs import ClassificationBatch, _format, _tensor_validation
+from lightning_adalabel.fused import fused_soft_label_loss
+from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
+from lightning_adalabel.losses import _straightforward_per_sample
 from lightning_adalabel.validation import check_engine_config, check_int, validate_label_matrix
 
 # Version of the state_dict layout. 1: accumulator K x (K + 3), no invalid-target column (lightning_adalabel 0.1.0).
 STATE_VERSION = 2
 _STAT_COLUMNS = 4
+# Columns of the accumulator; the last four also index the K x 4 tallies on their own.
 _SUMS, _COUNT, _SEEN, _NONFINITE, _INVALID = slice(None, -_STAT_COLUMNS), -4, -3, -2, -1
+
+
+def _empty_buffer(num_classes: int, device: Optional[Union[str, torch.device]] = None) -> Tensor:
+    """The flat statistics buffer: tallies (K x 4), sums (K x K), spare row (K); see the module docstring."""
+    return torch.zeros(num_classes * (_STAT_COLUMNS + num_classes + 1), device=device)
+
+
+def _buffer_views(buffer: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
+    """``(tallies K x 4, sums with the spare row (K + 1) x K)``: views, no copy."""
+    split = num_classes * _STAT_COLUMNS
+    return buffer[:split].view(num_classes, _STAT_COLUMNS), buffer[split:].view(num_classes + 1, num_classes)
 
 ReduceFn = Callable[[Tensor], Tensor]
 
@@ -88,47 +110,85 @@ def residual_prediction_stats(logits: Tensor, target: Tensor, include_diagonal: 
 
 
 def select_samples(logits: Tensor, target: Tensor, samples: str) -> Tensor:
-    """Boolean mask of the samples that count, without a host sync (ties go to the lowest index, as argmax).
+    """Boolean mask of the samples that count, without a host sync.
+
+    A sample is predicted right when its true class has the largest logit; a tie counts as right (one ``amax``
+    instead of an ``argmax``, which is ten times slower on a CPU at K=1000).
 
     Example:
-        >>> logits = torch.tensor([[2.0, 1.0], [2.0, 1.0]])
-        >>> select_samples(logits, torch.tensor([0, 1]), "misclassified")
-        tensor([False,  True])
+        >>> logits = torch.tensor([[2.0, 1.0], [2.0, 1.0], [0.0, 0.0]])
+        >>> select_samples(logits, torch.tensor([0, 1, 1]), "misclassified")
+        tensor([False,  True, False])
     """
     if samples == "all":
         return torch.ones_like(target, dtype=torch.bool)
-    correct = logits.argmax(dim=1) == target
+    correct = _predicted_right(logits, target)
     return correct if samples == "correct" else ~correct
 
 
-def _label_matrix_update(
-    accumulator: Tensor, batch: ClassificationBatch, samples: str, estimator: str, include_diagonal: bool
-) -> None:
-    """Add one formatted batch to the accumulator in place: a few vectorised ops and one ``index_add_``.
+def _predicted_right(logits: Tensor, target: Tensor) -> Tensor:
+    return logits.gather(1, target[:, None]).squeeze(1) >= logits.amax(dim=1)
 
-    Only ``valid`` rows enter the sums and the seen counts; ``invalid`` ones are only counted (in row 0, their
-    target being no class); ignored and padding rows add nothing.
-    """
+
+class BatchStatistics(NamedTuple):
+    """What one batch adds to the accumulator (see :meth:`LabelMatrix.add`); computed without touching it."""
+
+    rows: Tensor
+    """``(M, K)`` per-sample statistic (``p_res``, ``log p_res``, ``p`` or a one-hot); may be NaN where not counted."""
+    destination: Tensor
+    """``(M,)`` accumulator row of each statistic: its class, or K (the spare row) when it is not counted."""
+    classes: Tensor
+    """``(M,)`` class of each sample for the counts (0 for invalid targets)."""
+    counts: Tensor
+    """``(M, 4)`` float: counted, seen, non-finite, invalid."""
+
+
+def _statistics_of(
+    rows: Tensor, target: Tensor, selected: Tensor, finite: Tensor, batch: ClassificationBatch
+) -> BatchStatistics:
+    """Only ``valid`` rows enter the sums and the seen counts; ``invalid`` ones are only counted (in row 0, their
+    target being no class); ignored and padding rows add nothing."""
+    counted = selected & finite & batch.valid
+    counts = torch.stack([counted, batch.valid, batch.valid & ~finite, batch.invalid], dim=1).float()
+    return BatchStatistics(rows, torch.where(counted, target, batch.logits.shape[1]), target, counts)
+
+
+def _batch_statistics(
+    batch: ClassificationBatch, samples: str, estimator: str, include_diagonal: bool
+) -> BatchStatistics:
+    """The statistics of one formatted batch, computed from its logits (see :meth:`LabelMatrix.loss` for the path
+    that takes them from the loss's softmax)."""
     logits = batch.logits.detach().float()
     # Probability targets enter the statistics under their dominant class.
     target = batch.target.argmax(dim=1) if batch.probabilistic else batch.target
     # A row sum is finite iff every entry is (for logits below ~1e35): one reduction, not an M x K boolean mask.
     finite = torch.isfinite(logits.sum(dim=1))
     if samples == "none":  # Q never changes, but bad targets are still counted for the refresh's error
-        columns = torch.stack([torch.zeros_like(finite), batch.valid, batch.valid & ~finite, batch.invalid], dim=1)
-        accumulator[:, _COUNT:].index_add_(0, target, columns.to(accumulator.dtype))
-        return
-    counted = select_samples(logits, target, samples) & finite & batch.valid
+        return _statistics_of(logits[:, :0], target, torch.zeros_like(finite), finite, batch)
     stats = residual_prediction_stats(logits, target, include_diagonal, estimator)
-    # where, not a product: rows with NaN/Inf logits have NaN statistics, and 0 * NaN is NaN.
-    stats = torch.where(counted[:, None], stats, 0.0)
-    columns = torch.stack([counted, batch.valid, batch.valid & ~finite, batch.invalid], dim=1).to(stats.dtype)
-    accumulator.index_add_(0, target, torch.cat([stats, columns], dim=1))
+    return _statistics_of(stats, target, select_samples(logits, target, samples), finite, batch)
+
+
+def _add_statistics(buffer: Tensor, num_classes: int, statistics: BatchStatistics) -> None:
+    """Add a batch's statistics to a flat statistics buffer (:func:`_empty_buffer`) in place."""
+    tallies, sums = _buffer_views(buffer, num_classes)
+    if statistics.rows.shape[1]:
+        sums.index_add_(0, statistics.destination, statistics.rows.to(sums.dtype))
+    tallies.index_add_(0, statistics.classes, statistics.counts)
+
+
+def _label_matrix_update(
+    buffer: Tensor, batch: ClassificationBatch, samples: str, estimator: str, include_diagonal: bool
+) -> None:
+    """Add one formatted batch to a flat statistics buffer (:func:`_empty_buffer`) in place: a few vectorised ops
+    and two ``index_add_``."""
+    statistics = _batch_statistics(batch, samples, estimator, include_diagonal)
+    _add_statistics(buffer, batch.logits.shape[1], statistics)
 
 
 def statistic_totals(stats: Tensor) -> Tensor:
-    """``(counted, seen, nonfinite, invalid)`` sample totals over all classes of an accumulator (e.g. what refresh
-    returns).
+    """``(counted, seen, nonfinite, invalid)`` sample totals over all classes of an accumulator or of the ``K x 4``
+    tallies (what :meth:`LabelMatrix.refresh` returns).
 
     Example:
         >>> matrix = LabelMatrix(3, samples="misclassified")
@@ -173,7 +233,7 @@ def refreshed_rows(
 
 
 def _label_matrix_compute(
-    matrix: Tensor, stats: Tensor, estimator: str, momentum: float, include_diagonal: bool, prior: str = "uniform",
+    matrix: Tensor, sums: Tensor, tallies: Tensor, estimator: str, momentum: float, include_diagonal: bool, prior: str = "uniform",
     prior_strength: float = 0.0, empty_rows: str = "keep",
 ) -> Tensor:
     """The refreshed Q from (reduced) statistics: rows that received no sample keep their value, or with
@@ -185,14 +245,14 @@ def _label_matrix_compute(
     from a handful of misclassified samples among many (clean data, late in training) stays close to the prior;
     a row with many (label noise) follows its statistics.
     """
-    counts = stats[:, _COUNT]
+    counts = tallies[:, _COUNT]
     num_classes = matrix.shape[0]
     prior_matrix, pseudo_counts = None, None
     if prior_strength > 0:
         prior_matrix = matrix if prior == "previous" else initial_label_matrix(num_classes, include_diagonal,
                                                                                matrix.device)
-        pseudo_counts = prior_strength * stats[:, _SEEN]
-    estimate = refreshed_rows(stats[:, _SUMS], counts, estimator, include_diagonal, prior_matrix, pseudo_counts)
+        pseudo_counts = prior_strength * tallies[:, _SEEN]
+    estimate = refreshed_rows(sums, counts, estimator, include_diagonal, prior_matrix, pseudo_counts)
     if empty_rows == "uniform":
         uniform = initial_label_matrix(num_classes, include_diagonal, matrix.device)
         return torch.lerp(matrix, torch.where(counts[:, None] > 0, estimate, uniform), momentum)
@@ -268,8 +328,19 @@ class LabelMatrix:
         else:  # e.g. a matrix learned by an earlier run (load_label_matrix), used as a fixed or warm-start Q
             validate_label_matrix(initial_matrix, num_classes, include_diagonal)
             self.matrix = initial_matrix.detach().to(device, torch.float32).clone()
-        self.accumulator = torch.zeros(num_classes, num_classes + _STAT_COLUMNS, device=device)
+        self._buffer = _empty_buffer(num_classes, device)
         self.num_refreshes = 0
+
+    @property
+    def accumulator(self) -> Tensor:
+        """The ``K x (K + 4)`` statistics since the last refresh (see the module docstring for its columns); a copy."""
+        tallies, sums = _buffer_views(self._buffer, self.num_classes)
+        return torch.cat([sums[: self.num_classes], tallies], dim=1)
+
+    @property
+    def tallies(self) -> Tensor:
+        """``K x 4`` sample counts per class since the last refresh: counted, seen, non-finite, invalid (a view)."""
+        return _buffer_views(self._buffer, self.num_classes)[0]
 
     @property
     def device(self) -> torch.device:
@@ -278,27 +349,27 @@ class LabelMatrix:
     @property
     def sums(self) -> Tensor:
         """``K x K`` running sums of ``p_res`` (or ``log p_res``) per target class, since the last refresh."""
-        return self.accumulator[:, _SUMS]
+        return _buffer_views(self._buffer, self.num_classes)[1][: self.num_classes]
 
     @property
     def counts(self) -> Tensor:
         """Number of samples per target class that entered :attr:`sums` since the last refresh."""
-        return self.accumulator[:, _COUNT]
+        return self.tallies[:, _COUNT]
 
     @property
     def seen(self) -> Tensor:
         """Number of samples per target class seen since the last refresh, counted or not (ignored ones are not)."""
-        return self.accumulator[:, _SEEN]
+        return self.tallies[:, _SEEN]
 
     @property
     def nonfinite(self) -> Tensor:
         """Number of samples per target class left out since the last refresh because their logits were NaN/Inf."""
-        return self.accumulator[:, _NONFINITE]
+        return self.tallies[:, _NONFINITE]
 
     @property
     def invalid(self) -> Tensor:
         """Number of invalid targets since the last refresh (all in row 0: they have no class)."""
-        return self.accumulator[:, _INVALID]
+        return self.tallies[:, _INVALID]
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # torch.multiprocessing (ddp_spawn, DataLoader workers) pickles CPU tensors as shared memory: every process
@@ -306,11 +377,11 @@ class LabelMatrix:
         # then all-reducing them twice. Each process owns its copy.
         self.__dict__.update(state)
         self.matrix = self.matrix.clone()
-        self.accumulator = self.accumulator.clone()
+        self._buffer = self._buffer.clone()
 
     def to(self, device: Union[str, torch.device]) -> "LabelMatrix":
         self.matrix = self.matrix.to(device)
-        self.accumulator = self.accumulator.to(device)
+        self._buffer = self._buffer.to(device)
         return self
 
     def update(self, logits: Tensor, target: Tensor, ignore_index: int = -100) -> None:
@@ -324,31 +395,82 @@ class LabelMatrix:
         self.update_batch(_format(logits.detach(), target.detach(), ignore_index))
 
     def update_batch(self, batch: ClassificationBatch) -> None:
-        """Accumulate a batch already formatted by :func:`lightning_adalabel.inputs._format` (the callback's path)."""
+        """Accumulate a batch already formatted by :func:`lightning_adalabel.inputs._format`."""
         with torch.no_grad():
-            _label_matrix_update(self.accumulator, batch, self.samples, self.estimator, self.include_diagonal)
+            _label_matrix_update(self._buffer, batch, self.samples, self.estimator, self.include_diagonal)
+
+    def loss(
+        self, logits: Tensor, target: Tensor, loss: str = "decoupled", alpha: float = 1.0, ignore_index: int = -100,
+        reduction: str = "mean",
+    ) -> Tuple[Tensor, BatchStatistics]:
+        """The loss of a batch with this Q (as :func:`~lightning_adalabel.adalabel_loss`) and the batch's
+        statistics, both from one softmax of the logits; :meth:`add` the statistics once the step is done.
+
+        Example:
+            >>> matrix = LabelMatrix(3)
+            >>> logits = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 1.0]], requires_grad=True)
+            >>> loss, statistics = matrix.loss(logits, torch.tensor([0, 0]))
+            >>> loss.backward()
+            >>> matrix.add(statistics)
+            >>> matrix.counts  # the first sample is misclassified
+            tensor([1., 0., 0.])
+        """
+        _arg_validation(ignore_index, reduction)
+        _tensor_validation(logits, target, self.num_classes)
+        return self._loss_and_statistics(_format(logits, target, ignore_index), loss, alpha, reduction)
+
+    def _loss_and_statistics(
+        self, batch: ClassificationBatch, loss: str, alpha: float, reduction: str = "mean"
+    ) -> Tuple[Tensor, BatchStatistics]:
+        """The reduced loss and the statistics of a formatted batch; one softmax where the loss's probabilities are
+        the statistic (class-index targets, the ``mean`` estimator), the straightforward path otherwise."""
+        decoupled = loss == "decoupled"
+        fused = loss != "ce" and not batch.probabilistic and (
+            self.samples == "none" or (self.estimator == "mean" and self.include_diagonal != decoupled)
+        )
+        if not fused:
+            value = _reduce(_straightforward_per_sample(batch, self.matrix, loss, alpha), batch, reduction)
+            return value, _batch_statistics(batch, self.samples, self.estimator, self.include_diagonal)
+        value, probs, destination, counts = fused_soft_label_loss(
+            batch, self.matrix, decoupled, alpha, reduction, self.samples, rows_sum_to_one=self.start != "zeros"
+        )
+        rows = probs if self.samples != "none" else probs[:, :0]
+        return value, BatchStatistics(rows, destination, batch.target, counts)
+
+    def add(self, statistics: BatchStatistics) -> None:
+        """Add the statistics of a batch (from :meth:`loss`) to the accumulator."""
+        with torch.no_grad():
+            _add_statistics(self._buffer, self.num_classes, statistics)
 
     def refresh(self, reduce: Optional[ReduceFn] = None) -> Tensor:
-        """Fold the statistics into Q and reset them; return the (reduced) statistics that were used.
+        """Fold the statistics into Q and reset them; return the (reduced) ``K x 4`` tallies that were used
+        (counted, seen, non-finite, invalid per class; :func:`statistic_totals` sums them).
 
         Args:
             reduce: sums a tensor over processes (e.g. the strategy's all-reduce) so that every rank ends with
-                the same Q; called once, on the whole accumulator.
+                the same Q; called once, on one flat tensor of all the statistics.
 
         Rows that received no sample keep their value. Runs on the device without a host sync.
         """
-        stats = self.accumulator if reduce is None else reduce(self.accumulator)
+        num_classes = self.num_classes
+        statistics = self._buffer[: num_classes * (num_classes + _STAT_COLUMNS)]
+        if reduce is not None:
+            statistics = reduce(statistics)
+        split = num_classes * _STAT_COLUMNS
+        tallies = statistics[:split].view(num_classes, _STAT_COLUMNS)
+        sums = statistics[split:].view(num_classes, num_classes)
         if self.samples != "none":
-            self.matrix = _label_matrix_compute(self.matrix, stats, self.estimator, self.momentum,
+            self.matrix = _label_matrix_compute(self.matrix, sums, tallies, self.estimator, self.momentum,
                                                 self.include_diagonal, self.prior, self.prior_strength,
                                                 self.empty_rows)
-        self.accumulator = torch.zeros_like(self.accumulator)
+        tallies = tallies.clone()  # the buffer is cleared next
+        self._buffer.zero_()
         self.num_refreshes += 1
-        return stats
+        return tallies
 
     def reset_statistics(self) -> None:
         """Forget the statistics gathered since the last refresh (Q is kept), e.g. when a new ``fit`` starts."""
-        self.accumulator.zero_()
+        self._buffer.zero_()
 
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -362,9 +484,10 @@ class LabelMatrix:
             "prior_strength": self.prior_strength,
             "start": self.start,
             "empty_rows": self.empty_rows,
-            # Clones: the accumulator is updated in place, and a checkpoint may be written asynchronously.
+            # Copies: the statistics are updated in place, and a checkpoint may be written asynchronously
+            # (`accumulator` is already a fresh copy of them).
             "matrix": self.matrix.clone(),
-            "accumulator": self.accumulator.clone(),
+            "accumulator": self.accumulator,
             "num_refreshes": self.num_refreshes,
         }
 
@@ -400,7 +523,12 @@ class LabelMatrix:
         num_refreshes = state["num_refreshes"]
         check_int("num_refreshes", num_refreshes, minimum=0)
         self.matrix = matrix.detach().to(self.device, torch.float32).clone()
-        self.accumulator = accumulator.detach().to(self.device, torch.float32).clone()
+        accumulator = accumulator.detach().to(self.device, torch.float32)
+        buffer = _empty_buffer(self.num_classes, self.device)
+        tallies, sums = _buffer_views(buffer, self.num_classes)
+        tallies.copy_(accumulator[:, _COUNT:])
+        sums[: self.num_classes].copy_(accumulator[:, _SUMS])
+        self._buffer = buffer
         self.num_refreshes = num_refreshes
 
     def __repr__(self) -> str:

@@ -7,13 +7,16 @@ Inputs follow ``F.cross_entropy`` (see :mod:`lightning_adalabel.inputs`): logits
 so the loss of a probability target is the same mixture of the per-class losses.
 
 Each public loss validates, formats to one row per position, computes a per-position loss on those rows (the
-``_per_sample`` functions, which the callback calls directly on a batch it has already formatted) and reduces.
+``_per_sample`` functions) and reduces. Class-index targets go through the one-softmax implementation with a
+hand-written gradient (:mod:`lightning_adalabel.fused`); :func:`_straightforward_per_sample`, written term by term
+with autograd, is the reference it is tested against and serves probability targets.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_adalabel.fused import fused_soft_label_loss
 from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
 from lightning_adalabel.validation import LOSS_MODES
 
@@ -59,14 +62,17 @@ def _residual_cross_entropy_per_sample(logits: Tensor, target: Tensor, residual_
         with torch.autocast(logits.device.type, enabled=False):  # autocast would run the matmul in bf16/fp16
             per_class = lse_without * residual_labels.sum(dim=1) - logits @ residual_labels.T
         return (_at_least_float32(target) * per_class).sum(dim=1)
-    # -sum_j Q[y,j] (z_j - lse_{-y}) = lse_{-y} - sum_j Q[y,j] z_j: no M x K log-softmax, and Q[y,y] = 0 keeps the
-    # masked -inf out of the product.
+    # -sum_j Q[y,j] (z_j - lse_{-y}) = lse_{-y} sum_j Q[y,j] - sum_j Q[y,j] z_j: no M x K log-softmax, and
+    # Q[y,y] = 0 keeps the masked -inf out of the product. A row sums to 1, or to 0 before its first refresh with
+    # start="zeros" (no soft loss).
     without_true = logits.scatter(1, target[:, None], float("-inf")).logsumexp(dim=1)
-    return without_true - (residual_labels[target] * logits).sum(dim=1)
+    soft = residual_labels[target]
+    return without_true * soft.sum(dim=1) - (soft * logits).sum(dim=1)
 
 
-def _per_sample(batch: ClassificationBatch, label_matrix: Tensor, mode: str, alpha: float) -> Tensor:
-    """The loss of every row of a formatted batch (M,), before masking and reduction."""
+def _straightforward_per_sample(batch: ClassificationBatch, label_matrix: Tensor, mode: str, alpha: float) -> Tensor:
+    """The loss of every row of a formatted batch (M,), before masking and reduction: term by term, differentiated
+    by autograd."""
     logits, target = _at_least_float32(batch.logits), batch.target
     hard = _hard_cross_entropy_per_sample(logits, target)
     if mode == "ce":
@@ -89,7 +95,9 @@ def _reduced_loss(
         safe_target = torch.where(invalid, ignore_index, target.long())
         loss = F.cross_entropy(_at_least_float32(logits), safe_target, ignore_index=ignore_index, reduction=reduction)
         return torch.where(invalid if reduction == "none" else invalid.any(), float("nan"), loss)
-    return _reduce(_per_sample(batch, label_matrix, mode, alpha), batch, reduction)
+    if mode == "ce" or batch.probabilistic:
+        return _reduce(_straightforward_per_sample(batch, label_matrix, mode, alpha), batch, reduction)
+    return fused_soft_label_loss(batch, label_matrix, mode == "decoupled", alpha, reduction)[0]
 
 
 def _loss(

@@ -48,8 +48,8 @@ def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagona
             seen[y] += 1
             if not all(math.isfinite(value) for value in z):
                 continue  # rows with NaN/Inf logits never enter the statistics
-            prediction = max(range(num_classes), key=lambda j: z[j])  # first maximum, as torch.argmax
-            if samples == "misclassified" and prediction == y or samples == "correct" and prediction != y:
+            right = z[y] >= max(z)  # predicted right: the true class has the largest logit, a tie included
+            if samples == "misclassified" and right or samples == "correct" and not right:
                 continue
             allowed = [j for j in range(num_classes) if include_diagonal or j != y]
             if estimator == "confusion":  # one count for the top allowed class, the first of ties

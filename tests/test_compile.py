@@ -8,7 +8,7 @@ import torch
 
 from lightning_adalabel import AdaLabel, LabelMatrix, initial_label_matrix
 from lightning_adalabel.inputs import _format
-from lightning_adalabel.label_matrix import _label_matrix_update
+from lightning_adalabel.label_matrix import _empty_buffer, _label_matrix_update
 from lightning_adalabel.losses import adalabel_loss, decoupled_loss, mixed_loss
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
@@ -56,7 +56,7 @@ def test_losses_compile_without_graph_breaks(name, target_kind):
 def test_statistics_update_compiles_without_graph_breaks(samples, estimator, include_diagonal):
     torch._dynamo.reset()
     batch = inputs("int")
-    accumulator = torch.zeros(K, K + 4)
+    accumulator = _empty_buffer(K)
 
     def update(logits, target):
         _label_matrix_update(accumulator, _format(logits, target), samples, estimator, include_diagonal)

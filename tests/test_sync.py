@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, inputs, label_matrix, losses
+from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, fused, inputs, label_matrix, losses
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
 K = 5
@@ -106,6 +106,10 @@ def test_statistics_update_never_reads_a_tensor_value(samples, estimator, includ
     logits = torch.randn(8, K, device="meta", dtype=dtype)
     matrix.update(logits, torch.randint(0, K, (8,), device="meta"))
     matrix.update(logits, torch.rand(8, K, device="meta"))  # probability targets
+    loss, statistics = matrix.loss(logits.requires_grad_(), torch.randint(0, K, (8,), device="meta"),
+                                   "mixed" if include_diagonal else "decoupled", 0.5)
+    loss.backward()
+    matrix.add(statistics)
     matrix.refresh()  # the engine's refresh too (the callback's warning check syncs once per refresh, by design)
     assert matrix.accumulator.device.type == "meta"
 
@@ -165,6 +169,16 @@ def module_functions(module: Any) -> List[Callable]:
 PER_BATCH_FUNCTIONS = [
     LabelMatrix.update,
     LabelMatrix.update_batch,
+    LabelMatrix.loss,
+    LabelMatrix._loss_and_statistics,
+    LabelMatrix.add,
+    label_matrix._batch_statistics,
+    label_matrix._statistics_of,
+    label_matrix._add_statistics,
+    label_matrix._predicted_right,
+    *module_functions(fused),
+    fused._SoftLabelCrossEntropy.forward,
+    fused._SoftLabelCrossEntropy.backward,
     inputs._tensor_validation,
     inputs._format,
     inputs._reduce,
