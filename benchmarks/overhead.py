@@ -8,9 +8,11 @@ Two measurements, in one process:
    and optimizer: ``AdaLabel(preset="alr")``, ``AdaLabel(preset="none")`` through the same mixin, and a plain
    LightningModule with ``F.cross_entropy`` and no callback. They run interleaved, several rounds each, and the
    table reports the median step of each and its ratio to the plain module.
-2. **Micro-benchmark** of one batch (B=256) at K classes: ``LabelMatrix.update`` + ``decoupled_loss`` forward and
-   backward versus ``F.cross_entropy`` forward and backward, and the vectorised update versus the per-sample
-   Python loop that published Online Label Smoothing code uses.
+2. **Micro-benchmark** of one batch (B=256) at K classes, milliseconds for the statistics update + the loss forward
+   and backward: ``F.cross_entropy`` (no statistics), ours as the callback runs it (``LabelMatrix.loss``, backward,
+   ``LabelMatrix.add``: one softmax) for ALR and OLS, ours before the one-pass loss (``update`` + the
+   straightforward loss), and Online Label Smoothing as public code writes it (its loss, then a vectorised update
+   or the official per-sample Python loop).
 
 Usage::
 
@@ -32,7 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, decoupled_loss
+from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, initial_label_matrix
+from lightning_adalabel.inputs import _format, _reduce
+from lightning_adalabel.losses import _straightforward_per_sample
 
 # ---- 1. the training step ------------------------------------------------------------------------------------
 
@@ -148,8 +152,15 @@ def benchmark_training_step(args: argparse.Namespace) -> List[Dict[str, Any]]:
 # ---- 2. the micro-benchmark ----------------------------------------------------------------------------------
 
 
+def ols_loss(logits: Tensor, target: Tensor, label_matrix: Tensor) -> Tensor:
+    """Online Label Smoothing's loss as its public implementations write it: 0.5 CE + 0.5 soft-target CE."""
+    log_probs = logits.log_softmax(dim=1)
+    soft = -(label_matrix[target] * log_probs).sum(dim=1).mean()
+    return 0.5 * F.nll_loss(log_probs, target) + 0.5 * soft
+
+
 def python_loop_update(sums: Tensor, counts: Tensor, logits: Tensor, target: Tensor) -> None:
-    """The per-sample loop of published Online Label Smoothing code (one Python branch and two small ops per
+    """The per-sample loop of the official Online Label Smoothing code (one Python branch and two small ops per
     sample; on a GPU every ``if`` is a device-to-host sync)."""
     probs = logits.softmax(dim=1)
     pred = probs.argmax(dim=1)
@@ -157,6 +168,14 @@ def python_loop_update(sums: Tensor, counts: Tensor, logits: Tensor, target: Ten
         if pred[i] == target[i]:
             sums[target[i]] += probs[i]
             counts[target[i]] += 1
+
+
+def vectorised_update(sums: Tensor, counts: Tensor, logits: Tensor, target: Tensor) -> None:
+    """The same update vectorised as public re-implementations do it (boolean indexing: one host sync)."""
+    probs = logits.softmax(dim=1)
+    correct = probs.argmax(dim=1) == target
+    sums.index_add_(0, target[correct], probs[correct])
+    counts.index_add_(0, target[correct], torch.ones_like(target[correct], dtype=counts.dtype))
 
 
 def time_call(fn: Callable[[], None], device: str, repeats: int) -> float:
@@ -176,6 +195,7 @@ def time_call(fn: Callable[[], None], device: str, repeats: int) -> float:
 
 
 def benchmark_update_and_loss(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """One batch (B=256): statistics update + loss forward and backward, for ours and the public ways."""
     rows = []
     batch = 256
     for num_classes in args.micro_classes:
@@ -187,11 +207,11 @@ def benchmark_update_and_loss(args: argparse.Namespace) -> List[Dict[str, Any]]:
         logits = torch.randn(batch, num_classes, generator=generator)
         logits[torch.arange(batch), target] += margin
         logits, target = logits.to(args.device).requires_grad_(), target.to(args.device)
-        label_matrix = LabelMatrix(num_classes, samples="misclassified", device=args.device)
-        # The loop's statistics (full softmax of the correctly predicted samples) done the vectorised way.
-        same_statistics = LabelMatrix(num_classes, samples="correct", include_diagonal=True, device=args.device)
+        alr_engine = LabelMatrix(num_classes, samples="misclassified", device=args.device)
+        ols_engine = LabelMatrix(num_classes, samples="correct", include_diagonal=True, device=args.device)
         sums = torch.zeros(num_classes, num_classes, device=args.device)
         counts = torch.zeros(num_classes, device=args.device)
+        ols_matrix = initial_label_matrix(num_classes, include_diagonal=True, device=args.device)
         # Fewer repeats for the slow cases keep the whole micro-benchmark to seconds.
         repeats = args.repeats if num_classes <= 1000 else max(5, args.repeats // 10)
 
@@ -199,22 +219,39 @@ def benchmark_update_and_loss(args: argparse.Namespace) -> List[Dict[str, Any]]:
             F.cross_entropy(logits, target).backward()
             logits.grad = None
 
-        def alr() -> None:
-            label_matrix.update(logits.detach(), target)
-            decoupled_loss(logits, target, label_matrix.matrix, 0.5).backward()
+        def ours(engine: LabelMatrix, loss: str, alpha: float) -> Callable[[], None]:
+            def step() -> None:  # what the callback does per batch: the loss, backward, then the statistics
+                value, batch_statistics = engine.loss(logits, target, loss, alpha)
+                value.backward()
+                logits.grad = None
+                engine.add(batch_statistics)
+            return step
+
+        def alr_straightforward() -> None:  # before the one-pass loss: the update reads the logits a second time
+            alr_engine.update(logits.detach(), target)
+            formatted = _format(logits, target)
+            _reduce(_straightforward_per_sample(formatted, alr_engine.matrix, "decoupled", 1.0), formatted,
+                    "mean").backward()
             logits.grad = None
+
+        def public_ols(update: Callable[[Tensor, Tensor, Tensor, Tensor], None]) -> Callable[[], None]:
+            def step() -> None:
+                ols_loss(logits, target, ols_matrix).backward()
+                logits.grad = None
+                update(sums, counts, logits.detach(), target)
+            return step
 
         row: Dict[str, Any] = {
             "K": num_classes,
             "ce_ms": 1e3 * time_call(cross_entropy, args.device, repeats),
-            "alr_ms": 1e3 * time_call(alr, args.device, repeats),
-            "update_ms": 1e3 * time_call(lambda: same_statistics.update(logits.detach(), target), args.device,
-                                         repeats),
-            "loop_ms": 1e3 * time_call(lambda: python_loop_update(sums, counts, logits.detach(), target),
-                                       args.device, max(3, repeats // 10)),
+            "alr_ms": 1e3 * time_call(ours(alr_engine, "decoupled", 1.0), args.device, repeats),
+            "alr_straightforward_ms": 1e3 * time_call(alr_straightforward, args.device, repeats),
+            "ols_ms": 1e3 * time_call(ours(ols_engine, "mixed", 0.5), args.device, repeats),
+            "ols_vectorised_ms": 1e3 * time_call(public_ols(vectorised_update), args.device, repeats),
+            "ols_loop_ms": 1e3 * time_call(public_ols(python_loop_update), args.device, max(3, repeats // 10)),
         }
         row["alr_over_ce"] = row["alr_ms"] / row["ce_ms"]
-        row["loop_over_update"] = row["loop_ms"] / row["update_ms"]
+        row["ols_over_ce"] = row["ols_ms"] / row["ce_ms"]
         rows.append(row)
         print(f"K={num_classes}: {row}", flush=True)
     return rows
@@ -239,17 +276,40 @@ def training_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def micro_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Markdown table of :func:`benchmark_update_and_loss`'s rows (milliseconds per batch).
+
+    Example:
+        >>> row = dict(K=10, ce_ms=0.1, alr_ms=0.2, alr_straightforward_ms=0.4, ols_ms=0.2, ols_vectorised_ms=0.3,
+        ...            ols_loop_ms=3.0, alr_over_ce=2.0, ols_over_ce=2.0)
+        >>> print(micro_table([row]).splitlines()[-1])
+        | 10 | 0.100 | 0.200 | 2.00 | 0.400 | 0.200 | 2.00 | 0.300 | 3.00 |
+    """
     lines = [
-        "| K | F.cross_entropy fwd+bwd (ms) | ALR update + decoupled loss fwd+bwd (ms) | ratio |"
-        " LabelMatrix.update (ms) | per-sample Python loop (ms) | loop / update |",
-        "|---|---|---|---|---|---|---|",
+        "| K | F.cross_entropy | ALR (ours) | ALR / CE | ALR before the one-pass loss | OLS (ours) | OLS / CE |"
+        " OLS, public vectorised | OLS, official per-sample loop |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['K']} | {r['ce_ms']:.3f} | {r['alr_ms']:.3f} | {r['alr_over_ce']:.2f} | {r['update_ms']:.3f}"
-        f" | {r['loop_ms']:.2f} | {r['loop_over_update']:.0f}x |"
+        f"| {r['K']} | {r['ce_ms']:.3f} | {r['alr_ms']:.3f} | {r['alr_over_ce']:.2f} | {r['alr_straightforward_ms']:.3f}"
+        f" | {r['ols_ms']:.3f} | {r['ols_over_ce']:.2f} | {r['ols_vectorised_ms']:.3f} | {r['ols_loop_ms']:.2f} |"
         for r in rows
     ]
     return "\n".join(lines)
+
+
+def keep_freed_memory() -> None:
+    """Raise glibc's mmap and trim thresholds to 1 GiB: blocks of freed tensors stay in the heap for the next ones.
+
+    By default glibc serves every block above 128 KB with a fresh ``mmap`` and unmaps it on free, so each new
+    B x K float32 tensor (1 MB at B=256, K=1000) is paid again in page faults, and how many depends on the heap's
+    history: the timings of one implementation then move by 2x between runs.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    if not (libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 1 << 30)):
+        raise RuntimeError("mallopt refused the new thresholds")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -266,6 +326,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--micro-classes", type=int, nargs="*", default=[10, 100, 1000, 10000])
     parser.add_argument("--repeats", type=int, default=100, help="calls per micro-benchmark case")
     parser.add_argument("--skip-training", action="store_true", help="only the micro-benchmark")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc only: keep freed blocks in the process (mallopt), so that a new 1 MB tensor does not"
+                        " cost 256 page faults; PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 avoids thread-pool stalls on a busy machine")
     args = parser.parse_args(argv)
@@ -278,8 +341,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     environment = (f"torch {torch.__version__}, lightning {L.__version__}, device {args.device}"
-                   f" ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})")
+                   f" ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})"
+                   f"{', freed memory kept (mallopt)' if args.keep_freed_memory else ''}")
     micro = benchmark_update_and_loss(args) if args.micro_classes else []
     training = [] if args.skip_training else benchmark_training_step(args)
     print(f"\n{environment}")
