@@ -23,10 +23,13 @@ Usage::
 """
 
 import argparse
+import os
+import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from multiprocessing import get_context
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -257,6 +260,62 @@ def benchmark_update_and_loss(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return rows
 
 
+# ---- 3. memory at large K ------------------------------------------------------------------------------------
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _memory_phase(job: Tuple[int, str]) -> Dict[str, float]:
+    """Runs in a fresh process (the peak resident size only grows): one phase at K classes, its time and the
+    memory it needs beyond what was resident before it."""
+    num_classes, phase = job
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    engine = LabelMatrix(num_classes)
+    logits = torch.randn(256, num_classes, generator=generator).requires_grad_()
+    target = torch.randint(0, num_classes, (256,), generator=generator)
+
+    def step() -> None:
+        loss, batch_statistics = engine.loss(logits, target)
+        loss.backward()
+        logits.grad = None
+        engine.add(batch_statistics)
+
+    step()  # warm-up; the statistics now hold one batch, as before any refresh
+    work = {"step": step, "refresh": engine.refresh, "state_dict": engine.state_dict}[phase]
+    before = _resident_bytes()
+    start = time.perf_counter()
+    result = work()
+    seconds = time.perf_counter() - start
+    del result
+    return {"seconds": seconds, "extra_bytes": max(0, _peak_resident_bytes() - before),
+            "state_bytes": engine.matrix.nbytes + engine._buffer.nbytes}
+
+
+def benchmark_memory(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Time and extra memory of a step (B=256: the loss, backward and the statistics), a refresh and a state_dict,
+    each in a fresh process, at each K of ``--memory-classes``."""
+    rows = []
+    context = get_context("spawn")
+    for num_classes in args.memory_classes:
+        row: Dict[str, Any] = {"K": num_classes}
+        for phase in ("step", "refresh", "state_dict"):
+            with context.Pool(1) as pool:
+                result = pool.apply(_memory_phase, ((num_classes, phase),))
+            row[f"{phase}_seconds"], row[f"{phase}_mb"] = result["seconds"], result["extra_bytes"] / 2**20
+            row["state_mb"] = result["state_bytes"] / 2**20
+        rows.append(row)
+        print(f"K={num_classes}: {row}", flush=True)
+    return rows
+
+
 # ---- tables and entry point ----------------------------------------------------------------------------------
 
 
@@ -312,6 +371,29 @@ def keep_freed_memory() -> None:
         raise RuntimeError("mallopt refused the new thresholds")
 
 
+def memory_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Markdown table of :func:`benchmark_memory`'s rows.
+
+    Example:
+        >>> row = dict(K=1000, state_mb=7.7, step_seconds=0.001, step_mb=3.0, refresh_seconds=0.002, refresh_mb=3.9,
+        ...            state_dict_seconds=0.001, state_dict_mb=3.9)
+        >>> print(memory_table([row]).splitlines()[-1])
+        | 1000 | 7.7 | 1.00 | 3 | 2.0 | 4 | 1.0 | 4 |
+    """
+    lines = [
+        "| K | Q + statistics (MB) | step (ms) | step: extra MB | refresh (ms) | refresh: extra MB | state_dict (ms)"
+        " | state_dict: extra MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['K']} | {r['state_mb']:.1f} | {1e3 * r['step_seconds']:.2f} | {r['step_mb']:.0f}"
+        f" | {1e3 * r['refresh_seconds']:.1f} | {r['refresh_mb']:.0f} | {1e3 * r['state_dict_seconds']:.1f}"
+        f" | {r['state_dict_mb']:.0f} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -326,6 +408,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--micro-classes", type=int, nargs="*", default=[10, 100, 1000, 10000])
     parser.add_argument("--repeats", type=int, default=100, help="calls per micro-benchmark case")
     parser.add_argument("--skip-training", action="store_true", help="only the micro-benchmark")
+    parser.add_argument("--memory-classes", type=int, nargs="*", default=[],
+                        help="K values for the time and memory of a step, a refresh and a state_dict, each in a"
+                        " fresh process (e.g. 1000 10000 21841; K=21841 needs about 6 GB)")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc only: keep freed blocks in the process (mallopt), so that a new 1 MB tensor does not"
                         " cost 256 page faults; PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc")
@@ -347,6 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    f" ({torch.cuda.get_device_name() if args.device == 'cuda' else f'{torch.get_num_threads()} threads'})"
                    f"{', freed memory kept (mallopt)' if args.keep_freed_memory else ''}")
     micro = benchmark_update_and_loss(args) if args.micro_classes else []
+    memory = benchmark_memory(args) if args.memory_classes else []
     training = [] if args.skip_training else benchmark_training_step(args)
     print(f"\n{environment}")
     if training:
@@ -356,6 +442,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if micro:
         print("\nOne batch, B=256 (median of repeated calls):\n")
         print(micro_table(micro))
+    if memory:
+        print("\nAt large K, one thread, each phase in a fresh process (extra MB: peak resident size above the size"
+              " before the phase):\n")
+        print(memory_table(memory))
     return 0
 
 

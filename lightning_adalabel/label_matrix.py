@@ -30,6 +30,7 @@ reduced statistics). :meth:`LabelMatrix.loss` computes the loss and the statisti
 """
 
 import inspect
+import math
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -217,24 +218,45 @@ def refreshed_rows(
         tensor([[0.0000, 0.5000],
                 [0.5000, 0.0000]])
     """
-    if pseudo_counts is not None and prior is not None:
-        # xlogy: a zero pseudo-count adds nothing, even where the prior is 0 (log 0 = -inf, the residual diagonal).
-        in_logs = estimator == "geometric"
-        shrink = torch.xlogy(pseudo_counts[:, None], prior) if in_logs else pseudo_counts[:, None] * prior
-        sums, counts = sums + shrink, counts + pseudo_counts
-        mean = sums / torch.where(counts > 0, counts, 1.0)[:, None]
+    return _refreshed_rows_(sums.clone(), counts, estimator, include_diagonal, prior,
+                            pseudo_counts if prior is not None else None)
+
+
+def _refreshed_rows_(
+    sums: Tensor, counts: Tensor, estimator: str, include_diagonal: bool, prior: Optional[Tensor] = None,
+    pseudo_counts: Optional[Tensor] = None, uniform_prior: bool = False,
+) -> Tensor:
+    """:func:`refreshed_rows` in the memory of ``sums`` (overwritten): no K x K temporary, except the ``xlogy`` of a
+    previous-row prior for ``geometric``. ``uniform_prior`` shrinks toward the uniform row without building it."""
+    in_logs = estimator == "geometric"
+    if pseudo_counts is not None and (prior is not None or uniform_prior):
+        if uniform_prior:
+            num_classes = sums.shape[0]
+            value = 1.0 / (num_classes if include_diagonal else num_classes - 1)
+            per_row = pseudo_counts * (math.log(value) if in_logs else value)
+            sums.add_(per_row[:, None])
+            if not include_diagonal:  # the prior's diagonal is 0 (in logs: left out, filled with -inf below)
+                sums.diagonal().sub_(per_row)
+        elif in_logs:
+            # xlogy: a zero pseudo-count adds nothing, even where the prior is 0 (log 0 = -inf, the residual diagonal).
+            sums.add_(torch.xlogy(pseudo_counts[:, None], prior))  # type: ignore[arg-type]
+        else:
+            sums.addcmul_(pseudo_counts[:, None], prior)  # type: ignore[arg-type]
+        counts = counts + pseudo_counts
+        sums.div_(torch.where(counts > 0, counts, 1.0)[:, None])
     else:
-        mean = sums / counts.clamp_min(1.0)[:, None]
-    if estimator != "geometric":
-        return mean
+        sums.div_(counts.clamp_min(1.0)[:, None])
+    if not in_logs:
+        return sums
     if not include_diagonal:
-        mean = mean.fill_diagonal_(float("-inf"))
-    return mean.softmax(dim=1)
+        sums.fill_diagonal_(float("-inf"))
+    sums.sub_(sums.amax(dim=1, keepdim=True)).exp_()  # a softmax in place (exp(-inf) = 0 on the diagonal)
+    return sums.div_(sums.sum(dim=1, keepdim=True))
 
 
 def _label_matrix_compute(
-    matrix: Tensor, sums: Tensor, tallies: Tensor, estimator: str, momentum: float, include_diagonal: bool, prior: str = "uniform",
-    prior_strength: float = 0.0, empty_rows: str = "keep",
+    matrix: Tensor, sums: Tensor, tallies: Tensor, estimator: str, momentum: float, include_diagonal: bool,
+    prior: str = "uniform", prior_strength: float = 0.0, empty_rows: str = "keep",
 ) -> Tensor:
     """The refreshed Q from (reduced) statistics: rows that received no sample keep their value, or with
     ``empty_rows="uniform"`` (the official Online Label Smoothing) are reset to the uniform row.
@@ -244,19 +266,23 @@ def _label_matrix_compute(
     class k seen since the last refresh, so the same s means the same thing on any data set size. A row estimated
     from a handful of misclassified samples among many (clean data, late in training) stays close to the prior;
     a row with many (label noise) follows its statistics.
+
+    ``sums`` is overwritten (the caller clears the statistics next): besides Q and the statistics, a refresh holds
+    one K x K tensor at a time, the new Q (and, for ``geometric`` with the ``previous`` prior, one before it).
     """
     counts = tallies[:, _COUNT]
     num_classes = matrix.shape[0]
-    prior_matrix, pseudo_counts = None, None
-    if prior_strength > 0:
-        prior_matrix = matrix if prior == "previous" else initial_label_matrix(num_classes, include_diagonal,
-                                                                               matrix.device)
-        pseudo_counts = prior_strength * tallies[:, _SEEN]
-    estimate = refreshed_rows(sums, counts, estimator, include_diagonal, prior_matrix, pseudo_counts)
+    pseudo_counts = prior_strength * tallies[:, _SEEN] if prior_strength > 0 else None
+    estimate = _refreshed_rows_(sums, counts, estimator, include_diagonal, matrix if prior == "previous" else None,
+                                pseudo_counts, uniform_prior=prior == "uniform")
+    empty = (counts <= 0)[:, None]
     if empty_rows == "uniform":
-        uniform = initial_label_matrix(num_classes, include_diagonal, matrix.device)
-        return torch.lerp(matrix, torch.where(counts[:, None] > 0, estimate, uniform), momentum)
-    return torch.where(counts[:, None] > 0, torch.lerp(matrix, estimate, momentum), matrix)
+        estimate.masked_fill_(empty, 1.0 / (num_classes if include_diagonal else num_classes - 1))
+        if not include_diagonal:
+            estimate.diagonal().masked_fill_(empty.squeeze(1), 0.0)
+        return torch.lerp(matrix, estimate, momentum)
+    # Weight 0 keeps a row exactly (lerp computes a + 0 * (b - a)); its estimate is zeroed so that b is finite.
+    return torch.lerp(matrix, estimate.masked_fill_(empty, 0.0), (~empty).to(matrix.dtype) * momentum)
 
 
 class LabelMatrix:
@@ -484,9 +510,10 @@ class LabelMatrix:
             "prior_strength": self.prior_strength,
             "start": self.start,
             "empty_rows": self.empty_rows,
-            # Copies: the statistics are updated in place, and a checkpoint may be written asynchronously
-            # (`accumulator` is already a fresh copy of them).
-            "matrix": self.matrix.clone(),
+            # Q itself, as nn.Module.state_dict returns its parameters: Q is never changed in place (a refresh makes a
+            # new one), so this costs no copy. The statistics are: `accumulator` is a fresh copy of them (and
+            # Lightning's AsyncCheckpointIO clones what it writes in the background).
+            "matrix": self.matrix,
             "accumulator": self.accumulator,
             "num_refreshes": self.num_refreshes,
         }
