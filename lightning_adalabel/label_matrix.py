@@ -403,6 +403,11 @@ class LabelMatrix:
         # then all-reducing them twice. Each process owns its copy.
         self.__dict__.update(state)
         self.matrix = self.matrix.clone()
+        if "_buffer" not in state:  # pickled by lightning_adalabel 0.1, which kept the K x (K + 4) table itself
+            accumulator = self.__dict__.pop("accumulator")
+            self._buffer = _empty_buffer(self.num_classes, accumulator.device)
+            tallies, sums = _buffer_views(self._buffer, self.num_classes)
+            tallies.copy_(accumulator[:, _COUNT:]), sums[: self.num_classes].copy_(accumulator[:, _SUMS])
         self._buffer = self._buffer.clone()
 
     def to(self, device: Union[str, torch.device]) -> "LabelMatrix":

@@ -23,7 +23,7 @@ import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducer
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from torch.optim.swa_utils import get_ema_avg_fn
 
-from lightning_adalabel import AdaLabel, initial_label_matrix
+from lightning_adalabel import AdaLabel, LabelMatrix, initial_label_matrix
 from tests.helpers import TinyClassifier, fit, make_loader, trainer_kwargs
 
 K = 5
@@ -320,6 +320,18 @@ def test_a_label_matrix_sent_to_another_process_owns_its_tensors():
     sent.label_matrix.matrix.zero_()
     assert not callback.label_matrix.accumulator.any()
     assert_valid_residual(callback.label_matrix.matrix)
+
+
+def test_a_label_matrix_pickled_with_the_k_by_k_plus_4_table_unpickles():
+    """Objects pickled before the flat statistics buffer (an `accumulator` attribute) still load, with their
+    statistics."""
+    engine = LabelMatrix(K)
+    engine.update(torch.randn(6, K), torch.arange(6) % K)
+    old_layout = {key: value for key, value in engine.__dict__.items() if key != "_buffer"}
+    old_layout["accumulator"] = engine.accumulator
+    restored = LabelMatrix.__new__(LabelMatrix)
+    restored.__setstate__(old_layout)
+    assert torch.equal(restored.accumulator, engine.accumulator) and restored.seen.sum() == 6
 
 
 # ---- 5. strict settings --------------------------------------------------------------------------------------
