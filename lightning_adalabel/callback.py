@@ -286,6 +286,9 @@ class AdaLabel(pl.Callback):
         # the refresh: do it before the next epoch's first loss, as an uninterrupted run would have.
         if self._statistics_epoch is not None and self._statistics_epoch != trainer.current_epoch:
             self._refresh(trainer, pl_module, on_step=False)
+        # Only this step's losses are added at its end: a loss computed while this callback was switched off (the
+        # tuner's trial steps) or in a step that never ended is not.
+        self._pending = []
 
     @override
     def on_train_batch_end(
@@ -398,9 +401,13 @@ class AdaLabel(pl.Callback):
             device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
             restored = LabelMatrix(num_classes, device=device, **self.preset.engine_settings())  # type: ignore[arg-type]
             restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
-            self._label_matrix = restored
+        self._label_matrix = None if saved is None else restored
         self._last_refresh_step = state_dict["last_refresh_step"]
         self._statistics_epoch = state_dict["statistics_epoch"]
+        # Restored mid-fit (the tuner's finders roll the run back after their trial steps, with this callback
+        # switched off): what those steps queued or checked belongs to steps that no longer happened.
+        self._pending = []
+        self._first_batch_checked = self._loss_seen_in_training = False
 
     def _collect_spawned_state(self) -> None:
         """Take over the state that rank 0 of a ddp_spawn/ddp_notebook fit left (in the launching process, or in
