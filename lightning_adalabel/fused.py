@@ -88,7 +88,10 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
         destination = torch.where(counted, target, logits.shape[1])  # not counted: the spare row
         scale = hard_weight + alpha * soft_sum  # a float for mixed with rows summing to 1
         ctx.alpha, ctx.floats = alpha, [value for value in (hard_weight, scale) if not isinstance(value, Tensor)]
-        ctx.save_for_backward(probs, soft, target, weight,
+        # Q[y] is kept outside save_for_backward so that backward can turn it into the gradient in place (one B x K
+        # tensor fewer); a second backward (retain_graph) gathers it again from Q, which is never changed in place.
+        ctx.soft, ctx.label_matrix = soft, label_matrix
+        ctx.save_for_backward(probs, target, weight,
                               *[value for value in (hard_weight, scale) if isinstance(value, Tensor)])
         ctx.mark_non_differentiable(probs, destination, counts)
         return loss, probs, destination, counts
@@ -96,11 +99,13 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, *unused: Any) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        probs, soft, target, weight, *row_weights = ctx.saved_tensors
+        probs, target, weight, *row_weights = ctx.saved_tensors
         hard_weight, scale = ctx.floats + row_weights  # the float one(s) first: hard_weight is never the only tensor
+        soft, ctx.soft = ctx.soft, None
+        if soft is None:
+            soft = ctx.label_matrix.index_select(0, target).to(probs.dtype)
         grad_rows = grad_loss * weight
-        grad = probs * (grad_rows * scale)[:, None]
-        grad.addcmul_(soft, grad_rows[:, None], value=-ctx.alpha)
+        grad = soft.mul_((grad_rows * -ctx.alpha)[:, None]).addcmul_(probs, (grad_rows * scale)[:, None])
         grad.scatter_add_(1, target[:, None], (grad_rows * -hard_weight)[:, None])
         return (grad,) + (None,) * 9
 

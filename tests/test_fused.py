@@ -205,3 +205,14 @@ def test_the_engines_loss_and_statistics_equal_the_loss_and_an_update_by_hand(pr
     torch.testing.assert_close(fused_engine.matrix, by_hand.matrix)
     refreshed = not torch.equal(fused_engine.matrix, initial_label_matrix(num_classes, mode == "mixed"))
     assert refreshed == (preset != "label_smoothing")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_second_backward_through_a_retained_graph_gives_the_same_gradient(mode):
+    """Backward turns its copy of Q[y] into the gradient in place; a second backward must gather it again."""
+    logits, target = batch(7)
+    logits.requires_grad_()
+    loss = fused_soft_label_loss(_format(logits, target), label_matrix_for(mode, 7), mode == "decoupled", 0.5)[0]
+    (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(first, second)
