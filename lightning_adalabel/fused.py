@@ -84,8 +84,7 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
         finite = torch.isfinite(soft_dot)
         correct = true_logit >= top  # a tie with a wrong class counts as predicted right
         counted = _counted(samples, valid & finite, correct)
-        counts = torch.stack([counted, valid, valid > finite, invalid], dim=1).float()
-        destination = torch.where(counted, target, logits.shape[1])  # not counted: the spare row
+        destination, counts = _tallies(counted, valid, finite, invalid, target, logits.shape[1])
         scale = hard_weight + alpha * soft_sum  # a float for mixed with rows summing to 1
         ctx.alpha, ctx.floats = alpha, [value for value in (hard_weight, scale) if not isinstance(value, Tensor)]
         # Q[y] is kept outside save_for_backward so that backward can turn it into the gradient in place (one B x K
@@ -123,6 +122,15 @@ def _reduce_rows(per_row: Tensor, valid: Tensor, invalid: Tensor, reduction: str
         total = total / count  # all rows ignored: NaN, as F.cross_entropy
         weight = weight / count.clamp_min(1.0)
     return torch.where(invalid.any(), float("nan"), total), weight
+
+
+def _tallies(
+    counted: Tensor, valid: Tensor, finite: Tensor, invalid: Tensor, target: Tensor, num_classes: int
+) -> Tuple[Tensor, Tensor]:
+    """Each row's place in the statistics, its class or the spare row K when it is not counted, and its tallies
+    ``(counted, seen, non-finite, invalid)`` as floats (the layout is in :mod:`lightning_adalabel.label_matrix`)."""
+    tallies = torch.stack([counted, valid, valid > finite, invalid], dim=1).float()  # valid > finite: valid, not finite
+    return torch.where(counted, target, num_classes), tallies
 
 
 def _counted(samples: str, usable: Tensor, correct: Tensor) -> Tensor:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from lightning_adalabel.fused import fused_soft_label_loss
+from lightning_adalabel.fused import _tallies, fused_soft_label_loss
 from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
 from lightning_adalabel.losses import _straightforward_per_sample
 from lightning_adalabel.validation import check_engine_config, check_int, validate_label_matrix
@@ -149,9 +149,9 @@ def _statistics_of(
 ) -> BatchStatistics:
     """Only ``valid`` rows enter the sums and the seen counts; ``invalid`` ones are only counted (in row 0, their
     target being no class); ignored and padding rows add nothing."""
-    counted = selected & finite & batch.valid
-    counts = torch.stack([counted, batch.valid, batch.valid & ~finite, batch.invalid], dim=1).float()
-    return BatchStatistics(rows, torch.where(counted, target, batch.logits.shape[1]), target, counts)
+    destination, counts = _tallies(selected & finite & batch.valid, batch.valid, finite, batch.invalid, target,
+                                   batch.logits.shape[1])
+    return BatchStatistics(rows, destination, target, counts)
 
 
 def _batch_statistics(
