@@ -1,16 +1,24 @@
 """Log the label matrix at each refresh: a heatmap of Q and its most correlated class pairs.
 
-Called by :class:`~lightning_adalabel.AdaLabel` when ``log_label_matrix=True``. Loggers that take figures
-(TensorBoard: ``add_figure`` / ``add_text``) get them directly; otherwise the heatmap is saved as
+Called by :class:`~lightning_adalabel.AdaLabel` when ``log_label_matrix=True``, through each of the trainer's
+loggers that can take them:
+
+- TensorBoard: a figure (``add_figure``) and a markdown table (``add_text``);
+- Weights & Biases: an image and a ``wandb.Table`` (``WandbLogger.log_image`` / ``log_table``);
+- MLflow: artifacts ``adalabel/label_matrix/step_<global_step>.png`` and ``..._top_pairs.csv``.
+
+When none of them is attached (CSV, or no logger), the heatmap is saved as
 ``<log_dir>/label_matrix/step_<global_step>.png`` with the pairs in ``step_<global_step>_top_pairs.csv`` beside it.
 Only global rank 0 writes; every rank holds the same Q after a refresh.
 """
 
 import csv
+import io
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 from torch import Tensor
 
 from lightning_adalabel.visualization import plot_label_matrix, top_correlated_pairs
@@ -30,14 +38,37 @@ def _pairs_markdown(pairs: Sequence[Tuple[str, str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _figure_experiments(trainer: "pl.Trainer") -> List[object]:
-    """The experiments of the attached loggers that accept matplotlib figures (TensorBoard's SummaryWriter)."""
-    experiments = []
-    for logger in trainer.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_figure") and hasattr(experiment, "add_text"):
-            experiments.append(experiment)
-    return experiments
+PAIR_COLUMNS = ["target_class", "soft_label_class", "q"]
+
+
+def _pairs_csv(pairs: Sequence[Tuple[str, str, float]]) -> str:
+    handle = io.StringIO()
+    writer = csv.writer(handle, lineterminator="\n")
+    writer.writerow(PAIR_COLUMNS)
+    writer.writerows(pairs)
+    return handle.getvalue()
+
+
+def _log_to(logger: Logger, figure: object, pairs: Sequence[Tuple[str, str, float]], step: int) -> bool:
+    """Log the heatmap and the pairs through one logger; False if it takes neither figures nor files."""
+    if isinstance(logger, WandbLogger):  # wandb is imported by the logger, never here
+        logger.log_image(key="adalabel/label_matrix", images=[figure], step=step)
+        if pairs:
+            logger.log_table(key="adalabel/top_pairs", columns=PAIR_COLUMNS, data=[list(pair) for pair in pairs],
+                             step=step)
+        return True
+    if isinstance(logger, MLFlowLogger):
+        client, run_id = logger.experiment, logger.run_id
+        client.log_figure(run_id, figure, f"adalabel/label_matrix/step_{step}.png")
+        client.log_text(run_id, _pairs_csv(pairs), f"adalabel/label_matrix/step_{step}_top_pairs.csv")
+        return True
+    experiment = getattr(logger, "experiment", None)
+    if hasattr(experiment, "add_figure") and hasattr(experiment, "add_text"):  # TensorBoard's SummaryWriter
+        experiment.add_figure("adalabel/label_matrix", figure, global_step=step)  # type: ignore[union-attr]
+        if pairs:
+            experiment.add_text("adalabel/top_pairs", _pairs_markdown(pairs), global_step=step)  # type: ignore
+        return True
+    return False
 
 
 def label_matrix_dir(trainer: "pl.Trainer") -> str:
@@ -54,17 +85,11 @@ def log_label_matrix(
     step = trainer.global_step
     pairs = top_correlated_pairs(matrix, top_pairs, class_names)
     figure = plot_label_matrix(matrix, class_names, title=f"Label matrix Q at step {step}")
-    experiments = _figure_experiments(trainer)
-    for experiment in experiments:
-        experiment.add_figure("adalabel/label_matrix", figure, global_step=step)  # type: ignore[attr-defined]
-        if pairs:
-            experiment.add_text("adalabel/top_pairs", _pairs_markdown(pairs), global_step=step)  # type: ignore
-    if experiments:
+    logged = [_log_to(logger, figure, pairs, step) for logger in trainer.loggers]
+    if any(logged):
         return
     directory = label_matrix_dir(trainer)
     os.makedirs(directory, exist_ok=True)
     figure.savefig(os.path.join(directory, f"step_{step}.png"), dpi=100)
     with open(os.path.join(directory, f"step_{step}_top_pairs.csv"), "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["target_class", "soft_label_class", "q"])
-        writer.writerows(pairs)
+        handle.write(_pairs_csv(pairs))

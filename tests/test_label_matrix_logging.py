@@ -1,7 +1,9 @@
-"""Logging Q at each refresh (lightning_adalabel/label_matrix_logging.py): a TensorBoard figure and text, or a PNG
-and a CSV beside other loggers; global rank 0 only."""
+"""Logging Q at each refresh (lightning_adalabel/label_matrix_logging.py): a TensorBoard figure and text, a Weights
+& Biases image and table (offline), MLflow artifacts (file store), or a PNG and a CSV beside other loggers; global
+rank 0 only. Each is read back from what the logger wrote."""
 
 import csv
+import json
 import os
 from types import SimpleNamespace
 
@@ -82,3 +84,57 @@ def test_bad_logging_options_fail_early():
     with pytest.raises(ValueError, match="`top_pairs` must be an integer >= 0"):
         AdaLabel(top_pairs=-1)
 
+
+
+def test_weights_and_biases_gets_an_image_and_a_table_per_refresh(tmp_path, monkeypatch):
+    """W&B in offline mode (no network): the run's files are read back after it finishes."""
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="adalabel-test", save_dir=str(tmp_path), offline=True)
+    callback = AdaLabel(preset="alr", samples="all", log_label_matrix=True, class_names=NAMES, top_pairs=3)
+    try:
+        trainer, _ = fit(callback, loader=make_loader(64), max_epochs=2, logger=logger)
+    finally:
+        wandb.finish()
+    (run_dir,) = [os.path.join(tmp_path, "wandb", name) for name in os.listdir(os.path.join(tmp_path, "wandb"))
+                  if name.startswith("offline-run-")]
+    media = os.path.join(run_dir, "files", "media")
+    images = sorted(os.listdir(os.path.join(media, "images", "adalabel")))
+    tables = sorted(os.listdir(os.path.join(media, "table", "adalabel")))
+    assert len(images) == 2 and all(name.startswith("label_matrix_") and name.endswith(".png") for name in images)
+    assert len(tables) == 2
+    last = max((os.path.join(media, "table", "adalabel", name) for name in tables), key=os.path.getmtime)
+    with open(last) as handle:
+        table = json.load(handle)
+    assert table["columns"] == ["target_class", "soft_label_class", "q"]
+    expected = top_correlated_pairs(callback.label_matrix.matrix, 3, NAMES)
+    assert [row[:2] for row in table["data"]] == [[row, column] for row, column, _ in expected]
+    assert [row[2] for row in table["data"]] == pytest.approx([value for _, _, value in expected])
+    assert not os.path.exists(label_matrix_dir(trainer))
+
+
+def test_mlflow_gets_the_heatmap_and_the_pairs_as_artifacts(tmp_path, monkeypatch):
+    """MLflow with a file store (no server, no database): the artifacts are listed and read back through MLflow's
+    client."""
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store for those who ask
+
+    logger = MLFlowLogger(experiment_name="adalabel-test", tracking_uri=f"file:{tmp_path / 'mlruns'}")
+    callback = AdaLabel(preset="alr", samples="all", log_label_matrix=True, class_names=NAMES, top_pairs=3)
+    trainer, _ = fit(callback, loader=make_loader(64), max_epochs=2, logger=logger)
+    client, run_id = logger.experiment, logger.run_id
+    names = sorted(artifact.path for artifact in client.list_artifacts(run_id, "adalabel/label_matrix"))
+    assert names == [f"adalabel/label_matrix/step_{step}{suffix}" for step in (4, 8)
+                     for suffix in (".png", "_top_pairs.csv")]
+    local = client.download_artifacts(run_id, "adalabel/label_matrix/step_8_top_pairs.csv", str(tmp_path))
+    with open(local, newline="") as handle:
+        rows = list(csv.reader(handle))
+    expected = top_correlated_pairs(callback.label_matrix.matrix, 3, NAMES)
+    assert rows[0] == ["target_class", "soft_label_class", "q"]
+    assert [row[:2] for row in rows[1:]] == [[row, column] for row, column, _ in expected]
+    assert not os.path.exists(label_matrix_dir(trainer))
