@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from lightning_adalabel.fused import _tallies, fused_soft_label_loss
+from lightning_adalabel.fused import _counted, _tallies, fused_soft_label_loss
 from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
 from lightning_adalabel.losses import _straightforward_per_sample
 from lightning_adalabel.validation import check_engine_config, check_int, validate_label_matrix
@@ -121,10 +121,7 @@ def select_samples(logits: Tensor, target: Tensor, samples: str) -> Tensor:
         >>> select_samples(logits, torch.tensor([0, 1, 1]), "misclassified")
         tensor([False,  True, False])
     """
-    if samples == "all":
-        return torch.ones_like(target, dtype=torch.bool)
-    correct = _predicted_right(logits, target)
-    return correct if samples == "correct" else ~correct
+    return _counted(samples, torch.ones_like(target, dtype=torch.bool), _predicted_right(logits, target))
 
 
 def _predicted_right(logits: Tensor, target: Tensor) -> Tensor:
@@ -144,30 +141,24 @@ class BatchStatistics(NamedTuple):
     """``(M, 4)`` float: counted, seen, non-finite, invalid."""
 
 
-def _statistics_of(
-    rows: Tensor, target: Tensor, selected: Tensor, finite: Tensor, batch: ClassificationBatch
-) -> BatchStatistics:
-    """Only ``valid`` rows enter the sums and the seen counts; ``invalid`` ones are only counted (in row 0, their
-    target being no class); ignored and padding rows add nothing."""
-    destination, counts = _tallies(selected & finite & batch.valid, batch.valid, finite, batch.invalid, target,
-                                   batch.logits.shape[1])
-    return BatchStatistics(rows, destination, target, counts)
-
-
 def _batch_statistics(
     batch: ClassificationBatch, samples: str, estimator: str, include_diagonal: bool
 ) -> BatchStatistics:
     """The statistics of one formatted batch, computed from its logits (see :meth:`LabelMatrix.loss` for the path
-    that takes them from the loss's softmax)."""
+    that takes them from the loss's softmax). Only ``valid`` rows enter the sums and the seen counts; ``invalid``
+    ones are only counted (in row 0, their target being no class); ignored and padding rows add nothing."""
     logits = batch.logits.detach().float()
     # Probability targets enter the statistics under their dominant class.
     target = batch.target.argmax(dim=1) if batch.probabilistic else batch.target
     # A row sum is finite iff every entry is (for logits below ~1e35): one reduction, not an M x K boolean mask.
     finite = torch.isfinite(logits.sum(dim=1))
-    if samples == "none":  # Q never changes, but bad targets are still counted for the refresh's error
-        return _statistics_of(logits[:, :0], target, torch.zeros_like(finite), finite, batch)
-    stats = residual_prediction_stats(logits, target, include_diagonal, estimator)
-    return _statistics_of(stats, target, select_samples(logits, target, samples), finite, batch)
+    # samples="none": Q never changes, but bad targets are still counted for the refresh's error.
+    rows = logits[:, :0] if samples == "none" else residual_prediction_stats(logits, target, include_diagonal,
+                                                                              estimator)
+    correct = _predicted_right(logits, target) if samples in ("misclassified", "correct") else finite
+    counted = _counted(samples, finite & batch.valid, correct)  # the same rule as the one-softmax path's
+    destination, counts = _tallies(counted, batch.valid, finite, batch.invalid, target, logits.shape[1])
+    return BatchStatistics(rows, destination, target, counts)
 
 
 def _add_statistics(buffer: Tensor, num_classes: int, statistics: BatchStatistics) -> None:

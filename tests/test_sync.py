@@ -173,7 +173,6 @@ PER_BATCH_FUNCTIONS = [
     LabelMatrix._loss_and_statistics,
     LabelMatrix.add,
     label_matrix._batch_statistics,
-    label_matrix._statistics_of,
     label_matrix._add_statistics,
     label_matrix._predicted_right,
     *module_functions(fused),
