@@ -29,8 +29,8 @@ class ClassificationBatch(NamedTuple):
     logits: Tensor
     """``(M, K)`` logits in their own dtype (not detached: the loss differentiates through them)."""
     target: Tensor
-    """``(M,)`` int64 class indices, 0 where not ``valid``; or ``(M, K)`` probabilities, zero rows where not valid.
-    Safe to index the label matrix with, whatever the input held."""
+    """``(M,)`` int64 class indices, 0 where the target is no class (the row is then not ``valid``); or ``(M, K)``
+    probabilities, zero rows where not valid. Safe to index the label matrix with, whatever the input held."""
     valid: Tensor
     """``(M,)`` bool: enters the loss and the statistics."""
     invalid: Tensor
@@ -126,10 +126,12 @@ def _format(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Classif
         return ClassificationBatch(logits, target, valid, invalid, shape)
     shape = tuple(target.shape)
     target = target.reshape(-1).long()
-    ignored = target == ignore_index
-    is_class = (target >= 0) & (target < num_classes)
-    valid = is_class & ~ignored
-    return ClassificationBatch(logits, torch.where(valid, target, 0), valid, ~is_class & ~ignored, shape)
+    # Five ops, not eight: on a CPU at small K each op costs more than its arithmetic.
+    in_range = target.clamp(0, num_classes - 1)
+    is_class = in_range == target
+    not_ignored = target != ignore_index
+    valid = is_class & not_ignored if 0 <= ignore_index < num_classes else is_class
+    return ClassificationBatch(logits, in_range * is_class, valid, not_ignored > is_class, shape)  # no class: 0
 
 
 def check_values(logits: Tensor, target: Tensor, ignore_index: int = -100) -> None:

@@ -157,7 +157,8 @@ def _batch_statistics(
                                                                               estimator)
     correct = _predicted_right(logits, target) if samples in ("misclassified", "correct") else finite
     counted = _counted(samples, finite & batch.valid, correct)  # the same rule as the one-softmax path's
-    destination, counts = _tallies(counted, batch.valid, finite, batch.invalid, target, logits.shape[1])
+    columns = (value[:, None] for value in (counted, batch.valid, finite, batch.invalid, target))
+    destination, counts = _tallies(*columns, logits.shape[1])  # type: ignore[call-arg]
     return BatchStatistics(rows, destination, target, counts)
 
 

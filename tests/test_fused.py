@@ -216,3 +216,19 @@ def test_a_second_backward_through_a_retained_graph_gives_the_same_gradient(mode
     (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
     (second,) = torch.autograd.grad(loss, logits)
     torch.testing.assert_close(first, second)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_create_graph_gives_the_same_gradient_and_no_wrong_second_derivative(mode):
+    """The gradient is not differentiable itself (the fast path skips once_differentiable, which create_graph=True
+    still goes through): the same gradient, which carries no graph to give a wrong second derivative."""
+    logits, target = batch(7)
+    logits.requires_grad_()
+    matrix = label_matrix_for(mode, 7)
+    loss = fused_soft_label_loss(_format(logits, target), matrix, mode == "decoupled", 0.5)[0]
+    (plain,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (graphed,) = torch.autograd.grad(loss, logits, create_graph=True)
+    torch.testing.assert_close(graphed, plain)
+    assert not graphed.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        graphed.sum().backward()
