@@ -15,7 +15,8 @@ USAGE = """usage: adalabel <command> [options]
 
 commands:
   demo      train a small CNN on scikit-learn's digits with every preset and print the comparison table
-  recipes   list the shipped recipes (CIFAR-10/100, ImageNet, AG News, Yahoo! Answers, Yelp Review Full)
+  recipes   list the shipped recipes (CIFAR-10/100, ImageNet, AG News, Yahoo! Answers, Yelp Review Full with
+            fastText or BERT, CoNLL-2003 named entities)
   fit       train with LightningCLI:  adalabel fit --config <recipe name or YAML> [--adalabel.preset ols ...]
   validate  evaluate on the validation set: adalabel validate --config <recipe> --ckpt_path <checkpoint>
   test      evaluate on the test set:       adalabel test --config <recipe> --ckpt_path <checkpoint>
@@ -28,8 +29,9 @@ Errors are told in one line; add --traceback (or set ADALABEL_TRACEBACK=1) to se
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 COMMANDS = ("demo", "recipes", *LIGHTNING_COMMANDS)
 RECIPES_EXTRA = 'pip install "lightning-adalabel[recipes]"'
-# Errors that our own code raises to tell the user what to change (a wrong path, value or combination).
-USER_ERRORS = (FileNotFoundError, ValueError, TypeError)
+# Errors that our own code raises to tell the user what to change (a wrong path, value or combination, a missing
+# optional dependency).
+USER_ERRORS = (FileNotFoundError, ValueError, TypeError, ImportError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

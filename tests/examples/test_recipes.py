@@ -25,7 +25,10 @@ from lightning_adalabel.examples.recipes.vision import ImageClassifier
 from lightning_adalabel.examples.recipes.vision_data import CIFAR10DataModule, CIFAR100DataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RECIPES = ["agnews", "cifar10", "cifar100", "imagenet", "yahoo", "yelp_full"]
+RECIPES = [
+    "agnews", "agnews_bert", "cifar10", "cifar100", "conll2003", "imagenet", "imagenet_convnext", "yahoo", "yahoo_bert",
+    "yelp_full", "yelp_full_bert",
+]
 ALR_SCALARS = ("adalabel/entropy", "adalabel/counted_fraction")
 
 

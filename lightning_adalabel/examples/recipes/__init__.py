@@ -2,8 +2,10 @@
 
 This module only knows where the recipes are and what they are called; it imports neither jsonargparse nor
 torchvision, so that ``adalabel recipes`` answers without them. The Python code the recipes point to lives in
-:mod:`~lightning_adalabel.examples.recipes.vision`, :mod:`~lightning_adalabel.examples.recipes.vision_data` and
-:mod:`~lightning_adalabel.examples.recipes.text`.
+:mod:`~lightning_adalabel.examples.recipes.vision`, :mod:`~lightning_adalabel.examples.recipes.vision_data`,
+:mod:`~lightning_adalabel.examples.recipes.text` and, for the Hugging Face recipes (which alone import
+``transformers``), :mod:`~lightning_adalabel.examples.recipes.transformers_text` and
+:mod:`~lightning_adalabel.examples.recipes.token_classification`.
 """
 
 import difflib

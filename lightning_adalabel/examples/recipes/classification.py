@@ -4,7 +4,7 @@ Subclasses only build the network (``self.net``) and, where needed, change how a
 """
 
 import math
-from typing import Any, Callable, Dict, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -136,15 +136,20 @@ class ClassificationModule(AdaLabelMixin, pl.LightningModule):
         lr = self.scaled_lr()
         if self.optimizer_name == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                self.parameters(), lr=lr, momentum=self.momentum, nesterov=self.nesterov,
+                self.parameter_groups(), lr=lr, momentum=self.momentum, nesterov=self.nesterov,
                 weight_decay=self.weight_decay,
             )
         else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=self.weight_decay)
+            optimizer = torch.optim.AdamW(self.parameter_groups(), lr=lr, weight_decay=self.weight_decay)
         warmup_steps = min(total_steps, round(self.warmup_epochs * self._steps_per_epoch()))
         schedule = lr_multiplier(self.schedule, total_steps, warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> List[Dict[str, Any]]:
+        """The optimizer's parameter groups: one, every parameter with ``weight_decay``. Subclasses may exempt some
+        parameters (a group with ``"weight_decay": 0.0``)."""
+        return [{"params": list(self.parameters())}]
 
     def scaled_lr(self) -> float:
         """``lr``, scaled by ``global batch / lr_reference_batch_size`` when a reference batch size is set."""

@@ -42,6 +42,14 @@ class AdaLabelCLI(LightningCLI):
             check_data_exists(self.subcommand)
         return super().instantiate_trainer(**kwargs)
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            # jsonargparse wraps what a class's __init__ raises (an unknown --model.arch, a missing optional
+            # dependency) in its own multi-line ValueErrors; raise the original, which says what to change.
+            raise error_behind_jsonargparse(error)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # `adalabel` always passes its arguments (with recipe names resolved to paths) explicitly, so LightningCLI's
         # warning about `args` and `sys.argv` both being set would fire on every run for no reason.
@@ -62,6 +70,28 @@ class AdaLabelCLI(LightningCLI):
         finally:
             for each in parsers:
                 each.exit_on_error = True
+
+
+def error_behind_jsonargparse(error: BaseException) -> BaseException:
+    """The first error in ``error``'s chain (itself, its cause, ...) that jsonargparse did not raise.
+
+    Example:
+        >>> error_behind_jsonargparse(ValueError("raised here, not by jsonargparse"))
+        ValueError('raised here, not by jsonargparse')
+    """
+    while raised_in_jsonargparse(error):
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
+def raised_in_jsonargparse(error: BaseException) -> bool:
+    traceback, module = error.__traceback__, ""
+    while traceback is not None:  # the innermost frame is where the error was raised
+        module, traceback = str(traceback.tb_frame.f_globals.get("__name__", "")), traceback.tb_next
+    return module.split(".")[0] == "jsonargparse"
 
 
 def option_strings(parser: Any) -> List[str]:

@@ -131,7 +131,70 @@ def collate_bags(samples: Sequence[Tuple[Tensor, int]]) -> Tuple[Bag, Tensor]:
     return (torch.cat(ids), offsets), labels
 
 
-class TextClassificationDataModule(SplitDataModule):
+class LabeledCSVDataModule(SplitDataModule):
+    """A CSV text-classification data set (``root/train.csv``, ``root/test.csv``): reading the files, the hold-out
+    split and the missing-file checks. Subclasses turn the texts and labels into a data set (:meth:`make_dataset`).
+
+    Args:
+        root: the data set's folder.
+        num_classes: number of labels (AG News 4, Yahoo! Answers 10, Yelp Review Full 5).
+        batch_size: per device.
+        num_workers: tokenising processes per device.
+        val_fraction: hold out this fraction of train.csv for validation; 0 validates on test.csv (the data sets
+            have no official validation split).
+        seed: seed of the hold-out split.
+        pin_memory: page-locked host batches.
+        persistent_workers: keep loader workers alive between epochs.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        batch_size: int,
+        num_workers: int,
+        val_fraction: float,
+        seed: int,
+        pin_memory: bool,
+        persistent_workers: bool,
+    ) -> None:
+        super().__init__(batch_size, num_workers, pin_memory, persistent_workers)
+        self.root = root
+        self.num_classes = num_classes
+        self.val_fraction = val_fraction
+        self.seed = seed
+
+    def make_dataset(self, texts: Sequence[str], labels: Sequence[int]) -> Dataset:
+        """The data set of one split's texts and 0-based labels, as the model takes them."""
+        raise NotImplementedError
+
+    def check_data_exists(self, stage: str) -> None:
+        # setup("fit") reads train.csv, and test.csv as well unless validation is held out of train.csv.
+        splits = ["train"] if stage == "fit" else []
+        if stage != "fit" or self.val_fraction == 0:
+            splits.append("test")
+        for split in splits:
+            check_csv_exists(os.path.join(self.root, f"{split}.csv"))
+
+    def _read(self, split: str) -> Dataset:
+        texts, labels = read_labeled_csv(os.path.join(self.root, f"{split}.csv"), self.num_classes)
+        return self.make_dataset(texts, labels)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            train_set = self._read("train")
+            if self.val_fraction > 0:
+                train_idx, val_idx = split_indices(len(train_set), self.val_fraction, self.seed)
+                self.train_set, self.val_set = Subset(train_set, train_idx), Subset(train_set, val_idx)
+            else:
+                self.train_set = train_set
+        if self.val_set is None or stage in ("test", "predict"):
+            self.test_set = self._read("test")
+            if self.val_set is None:
+                self.val_set = self.test_set
+
+
+class TextClassificationDataModule(LabeledCSVDataModule):
     """A CSV text-classification data set (``root/train.csv``, ``root/test.csv``) with hashed n-gram inputs.
 
     Args:
@@ -165,39 +228,13 @@ class TextClassificationDataModule(SplitDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
     ) -> None:
-        super().__init__(batch_size, num_workers, pin_memory, persistent_workers)
+        super().__init__(root, num_classes, batch_size, num_workers, val_fraction, seed, pin_memory, persistent_workers)
         self.save_hyperparameters()
-        self.root = root
-        self.num_classes = num_classes
         self.num_buckets = num_buckets
         self.tokenizer = HashingTokenizer(num_buckets, ngrams, max_words)
-        self.val_fraction = val_fraction
-        self.seed = seed
 
-    def check_data_exists(self, stage: str) -> None:
-        # setup("fit") reads train.csv, and test.csv as well unless validation is held out of train.csv.
-        splits = ["train"] if stage == "fit" else []
-        if stage != "fit" or self.val_fraction == 0:
-            splits.append("test")
-        for split in splits:
-            check_csv_exists(os.path.join(self.root, f"{split}.csv"))
-
-    def _read(self, split: str) -> HashedTextDataset:
-        texts, labels = read_labeled_csv(os.path.join(self.root, f"{split}.csv"), self.num_classes)
+    def make_dataset(self, texts: Sequence[str], labels: Sequence[int]) -> HashedTextDataset:
         return HashedTextDataset(texts, labels, self.tokenizer)
-
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
-            train_set = self._read("train")
-            if self.val_fraction > 0:
-                train_idx, val_idx = split_indices(len(train_set), self.val_fraction, self.seed)
-                self.train_set, self.val_set = Subset(train_set, train_idx), Subset(train_set, val_idx)
-            else:
-                self.train_set = train_set
-        if self.val_set is None or stage in ("test", "predict"):
-            self.test_set = self._read("test")
-            if self.val_set is None:
-                self.val_set = self.test_set
 
 
 class FastTextClassifier(ClassificationModule):

@@ -1,7 +1,8 @@
-"""Image classification for the recipes: torchvision models, a CIFAR-style ResNet, and MixUp/CutMix batches whose
-probability targets flow into the ALR loss."""
+"""Image classification for the recipes: torchvision and timm models, a CIFAR-style ResNet, and MixUp/CutMix batches
+whose probability targets flow into the ALR loss."""
 
-from typing import Any, List, Optional
+import difflib
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -11,29 +12,90 @@ from torchvision.transforms import v2
 from lightning_adalabel.examples.recipes.classification import ClassificationModule
 
 CIFAR_PREFIX = "cifar_"
+TIMM_PREFIX = "timm/"
+TIMM_EXTRA = 'pip install "lightning-adalabel[timm]"'
 
 
-def build_image_model(arch: str, num_classes: int) -> nn.Module:
-    """A randomly initialised torchvision classifier by name.
+def build_image_model(
+    arch: str, num_classes: int, pretrained: bool = False, model_kwargs: Optional[Dict[str, Any]] = None
+) -> nn.Module:
+    """An image classifier by name, with a new ``num_classes``-way output layer.
 
-    ``arch`` is any name of ``torchvision.models.list_models()`` (``"resnet50"``, ``"vit_b_16"``, ...), or
-    ``"cifar_"`` + a ResNet name (``"cifar_resnet18"``): the same network with the CIFAR stem of He et al. 2016
-    (a 3x3 stride-1 first convolution and no max-pool), which keeps 32x32 inputs at full resolution in the first
-    stage instead of dividing it by 4.
+    ``arch`` is one of:
+
+    - any name of ``torchvision.models.list_models()`` (``"resnet50"``, ``"vit_b_16"``, ...), randomly initialised;
+    - ``"cifar_"`` + a torchvision ResNet name (``"cifar_resnet18"``): the same network with the CIFAR stem of He et
+      al. 2016 (a 3x3 stride-1 first convolution and no max-pool), which keeps 32x32 inputs at full resolution in the
+      first stage instead of dividing it by 4;
+    - ``"timm/"`` + a timm model name (``"timm/convnext_tiny"``, ``"timm/vit_tiny_patch16_224"``), optionally with a
+      pretrained tag (``"timm/convnext_tiny.fb_in22k"``): see :func:`build_timm_model`.
+
+    ``pretrained`` loads timm's pretrained weights (timm models only). ``model_kwargs`` go to the model's
+    constructor: ``{"drop_path_rate": 0.1}`` (timm's stochastic depth), ``{"img_size": 32}`` (a timm ViT on 32x32
+    images), ``{"zero_init_residual": True}`` (a torchvision ResNet), ...
 
     Example:
         >>> model = build_image_model("cifar_resnet18", num_classes=10)
         >>> model(torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 10])
+        >>> type(build_image_model("timm/test_resnet", num_classes=10)).__module__
+        'timm.models.resnet'
     """
+    model_kwargs = dict(model_kwargs or {})
+    if arch.startswith(TIMM_PREFIX):
+        return build_timm_model(arch[len(TIMM_PREFIX):], num_classes, pretrained, model_kwargs)
+    if pretrained:
+        raise ValueError(
+            f"`pretrained` loads timm's weights, and {arch!r} is a torchvision model, which the recipes build randomly"
+            f" initialised. Use its timm version (e.g. `--model.arch timm/{arch.removeprefix(CIFAR_PREFIX)}`) or"
+            " `--model.pretrained false`."
+        )
     if not arch.startswith(CIFAR_PREFIX):
-        return models.get_model(arch, weights=None, num_classes=num_classes)
-    model = models.get_model(arch[len(CIFAR_PREFIX):], weights=None, num_classes=num_classes)
+        return models.get_model(arch, weights=None, num_classes=num_classes, **model_kwargs)
+    model = models.get_model(arch[len(CIFAR_PREFIX):], weights=None, num_classes=num_classes, **model_kwargs)
     if not isinstance(model, models.ResNet):
         raise ValueError(f"The CIFAR stem is defined for ResNets (e.g. 'cifar_resnet18'), got {arch!r}.")
     model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
+
+
+def build_timm_model(
+    name: str, num_classes: int, pretrained: bool = False, model_kwargs: Optional[Dict[str, Any]] = None
+) -> nn.Module:
+    """``timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)``.
+
+    With ``pretrained``, timm loads the weights of the name's default tag, or of the given one
+    (``"convnext_tiny.fb_in22k"``), from the Hugging Face Hub or its local cache, all but the classifier, which is new
+    with ``num_classes`` outputs. timm is an optional dependency, imported here only.
+
+    Example:
+        >>> build_timm_model("convnext_tiyn", num_classes=10)
+        Traceback (most recent call last):
+        ...
+        ValueError: 'convnext_tiyn' is not a timm model; did you mean timm/convnext_tiny, ...
+    """
+    try:
+        import timm
+    except ImportError as error:
+        raise ImportError(f"--model.arch timm/{name} needs timm, an optional dependency: {TIMM_EXTRA}") from error
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=2)
+        hint = f"did you mean {', '.join(TIMM_PREFIX + each for each in close)}? " if close else ""
+        raise ValueError(
+            f"{name!r} is not a timm model; {hint}The names are those of timm.list_models(), e.g."
+            f" `python -c \"import timm; print(timm.list_models('convnext*'))\"`."
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+    except FileNotFoundError as error:  # huggingface_hub's LocalEntryNotFoundError: not cached, and offline
+        if not pretrained:
+            raise
+        raise FileNotFoundError(
+            f"The pretrained weights of timm/{name} are not in the Hugging Face cache and could not be downloaded"
+            f" ({type(error).__name__}). Run once with network access (the weights are then cached; see HF_HOME),"
+            " or train from scratch with `--model.pretrained false`."
+        ) from error
 
 
 def build_batch_mixing(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0) -> Optional[v2.Transform]:
@@ -57,7 +119,12 @@ class ImageClassifier(ClassificationModule):
 
     Args:
         num_classes: K.
-        arch: torchvision model name, or ``"cifar_resnet18"`` etc. (see :func:`build_image_model`).
+        arch: torchvision model name, ``"cifar_resnet18"`` etc., or ``"timm/"`` + a timm model name
+            (``"timm/convnext_tiny"``; see :func:`build_image_model`).
+        pretrained: start from timm's pretrained weights (a ``"timm/..."`` arch only; downloaded from the Hugging Face
+            Hub on first use, then read from its cache). The new classifier layer is always randomly initialised.
+        model_kwargs: more keyword arguments for the model's constructor, e.g. ``{"drop_path_rate": 0.1}`` for a timm
+            model's stochastic depth, or ``{"img_size": 32}`` for a timm ViT on CIFAR.
         channels_last: keep weights and input batches in NHWC memory layout (faster convolutions with mixed
             precision on tensor-core GPUs).
         mixup_alpha: MixUp's Beta(alpha, alpha) parameter on training batches; 0 turns MixUp off.
@@ -79,6 +146,8 @@ class ImageClassifier(ClassificationModule):
         self,
         num_classes: int,
         arch: str = "cifar_resnet18",
+        pretrained: bool = False,
+        model_kwargs: Optional[Dict[str, Any]] = None,
         channels_last: bool = False,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
@@ -86,7 +155,7 @@ class ImageClassifier(ClassificationModule):
     ) -> None:
         super().__init__(num_classes=num_classes, **kwargs)
         self.save_hyperparameters()
-        self.net = build_image_model(arch, num_classes)
+        self.net = build_image_model(arch, num_classes, pretrained, model_kwargs)
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
