@@ -12,6 +12,7 @@ from lightning_adalabel.losses import (
 )
 from lightning_adalabel.module import AdaLabelMixin
 from lightning_adalabel.presets import PRESETS, Preset, resolve_preset
+from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 from lightning_adalabel.validation import validate_label_matrix
 from lightning_adalabel.visualization import plot_label_matrix, top_correlated_pairs
 
@@ -32,6 +33,7 @@ __all__ = [
     "resolve_preset",
     "residual_cross_entropy",
     "save_label_matrix",
+    "SparseLabelMatrix",
     "soft_target_cross_entropy",
     "top_correlated_pairs",
     "validate_label_matrix",

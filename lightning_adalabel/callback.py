@@ -26,6 +26,7 @@ from lightning_adalabel.label_matrix_logging import log_label_matrix
 from lightning_adalabel.losses import _reduced_loss
 from lightning_adalabel.module import AdaLabelMixin
 from lightning_adalabel.presets import Preset, resolve_preset
+from lightning_adalabel.sparse_label_matrix import SparseBatchStatistics, SparseLabelMatrix
 from lightning_adalabel.validation import (
     REDUCTIONS,
     check_bool,
@@ -88,6 +89,11 @@ class AdaLabel(pl.Callback):
             (TensorBoard figure and text; with other loggers a PNG and a CSV under ``<log_dir>/label_matrix/``).
         class_names: names for the heatmap's axes and the pairs (default: class indices).
         top_pairs: how many of the largest off-diagonal entries of Q to log.
+        top_k: keep only the ``top_k`` largest entries of each row of Q (plus a uniform remainder) and bounded
+            statistics, for label sets too large for a ``K x K`` matrix (see
+            :class:`~lightning_adalabel.sparse_label_matrix.SparseLabelMatrix`); ``None`` (default): the dense Q.
+            ``label_matrix.to_dense()`` gives Q as a matrix (small K only); the heatmap is logged up to
+            K = 64, the top pairs at any K.
 
     Example::
 
@@ -116,6 +122,7 @@ class AdaLabel(pl.Callback):
         log_label_matrix: bool = False,
         class_names: Optional[Sequence[str]] = None,
         top_pairs: int = 10,
+        top_k: Optional[int] = None,
     ) -> None:
         check_choice("preset", preset, PresetName.__args__)  # type: ignore[attr-defined]
         check_int("num_classes", num_classes, minimum=2, allow_none=True, hint=" (None: inferred from the logits)")
@@ -124,6 +131,7 @@ class AdaLabel(pl.Callback):
         check_bool("include_diagonal", include_diagonal, allow_none=True)
         check_bool("log_label_matrix", log_label_matrix)
         check_int("top_pairs", top_pairs, minimum=0)
+        check_int("top_k", top_k, minimum=1, allow_none=True, hint=" (None: the dense K x K label matrix)")
         _arg_validation(ignore_index, "mean")
         self.preset_name = preset
         self.preset: Preset = resolve_preset(
@@ -132,6 +140,12 @@ class AdaLabel(pl.Callback):
             empty_rows=empty_rows,
         )
         self.num_classes = num_classes
+        self.top_k = top_k
+        if top_k is not None and (initial_matrix is not None or self.preset.estimator == "geometric"):
+            raise ValueError(
+                "AdaLabel(top_k=...) keeps a sparse label matrix: it takes neither `initial_matrix` (a dense K x K"
+                " matrix) nor the 'geometric' estimator. Use top_k=None for those."
+            )
         self.refresh_every_n_steps = refresh_every_n_steps
         self.ignore_index = ignore_index
         self.initial_matrix = self._initial_matrix(initial_matrix)
@@ -139,7 +153,7 @@ class AdaLabel(pl.Callback):
         self.class_names = None if class_names is None else [str(name) for name in class_names]
         check_class_names(self.class_names, self.num_classes)
         self.top_pairs = top_pairs
-        self._label_matrix: Optional[LabelMatrix] = None
+        self._label_matrix: Optional[Union[LabelMatrix, SparseLabelMatrix]] = None
         self._start_fit()
         # ddp_spawn / ddp_notebook train in child processes: rank 0 leaves its state in this file for the callback
         # in the launching process (see `label_matrix`).
@@ -165,7 +179,7 @@ class AdaLabel(pl.Callback):
     def _start_fit(self) -> None:
         """Per-fit state: every fit starts with empty statistics and its own refresh schedule (a checkpoint that is
         resumed from restores them after this, in ``load_state_dict``)."""
-        self._pending: List[BatchStatistics] = []
+        self._pending: List[Union[BatchStatistics, SparseBatchStatistics]] = []
         self._first_batch_checked = False
         self._loss_seen_in_training = False
         self._last_refresh_step = 0
@@ -175,13 +189,14 @@ class AdaLabel(pl.Callback):
             self._label_matrix.reset_statistics()
 
     @property
-    def label_matrix(self) -> Optional[LabelMatrix]:
-        """The engine: ``label_matrix.matrix`` is Q. ``None`` until the first batch (or checkpoint) sets K."""
+    def label_matrix(self) -> Optional[Union[LabelMatrix, SparseLabelMatrix]]:
+        """The engine: ``label_matrix.matrix`` is Q (``to_dense()`` with ``top_k``). ``None`` until the first batch (or
+        checkpoint) sets K."""
         self._collect_spawned_state()
         return self._label_matrix
 
     @label_matrix.setter
-    def label_matrix(self, value: Optional[LabelMatrix]) -> None:
+    def label_matrix(self, value: Optional[Union[LabelMatrix, SparseLabelMatrix]]) -> None:
         self._label_matrix = value
 
     # ---- the loss side, called by AdaLabelMixin.adalabel_loss -------------------------------------------------
@@ -196,6 +211,10 @@ class AdaLabel(pl.Callback):
             self._first_batch_checked = True
         batch = _format(logits, target, self.ignore_index)
         if not training or self.preset.loss == "ce":
+            if isinstance(label_matrix, SparseLabelMatrix):
+                if training:
+                    self._pending.append(label_matrix.batch_statistics(batch))
+                return label_matrix.reduced_loss(batch, self.preset.loss, self.preset.alpha, reduction)
             if training:
                 self._pending.append(_batch_statistics(batch, label_matrix.samples, label_matrix.estimator,
                                                        label_matrix.include_diagonal))
@@ -208,19 +227,22 @@ class AdaLabel(pl.Callback):
         self._pending.append(statistics)
         return value
 
-    def _label_matrix_for(self, logits: Tensor, target: Tensor) -> LabelMatrix:
+    def _label_matrix_for(self, logits: Tensor, target: Tensor) -> Union[LabelMatrix, SparseLabelMatrix]:
         known = self._label_matrix.num_classes if self._label_matrix is not None else self.num_classes
         _tensor_validation(logits, target, known)
         if self._label_matrix is None:
             num_classes = logits.shape[1]
             check_class_names(self.class_names, num_classes)
-            self._label_matrix = LabelMatrix(
-                num_classes, device=logits.device, initial_matrix=self.initial_matrix,
-                **self.preset.engine_settings(),  # type: ignore[arg-type]
-            )
+            self._label_matrix = self._new_engine(num_classes, logits.device)
         if self._label_matrix.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
             self._label_matrix.to(logits.device)
         return self._label_matrix
+
+    def _new_engine(self, num_classes: int, device: Union[str, torch.device]) -> Union[LabelMatrix, SparseLabelMatrix]:
+        settings: Dict[str, Any] = self.preset.engine_settings()
+        if self.top_k is not None:
+            return SparseLabelMatrix(num_classes, self.top_k, device=device, **settings)
+        return LabelMatrix(num_classes, device=device, initial_matrix=self.initial_matrix, **settings)
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
@@ -330,9 +352,14 @@ class AdaLabel(pl.Callback):
         label_matrix = self._label_matrix
         if label_matrix is None:
             return
-        stats = label_matrix.refresh(reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
+        if isinstance(label_matrix, SparseLabelMatrix):
+            # An all-gather of fixed-size buffers, merged identically on every rank (see sparse_label_matrix.py).
+            stats = label_matrix.refresh(gather=trainer.strategy.all_gather)
+            entropy = label_matrix.mean_entropy()
+        else:
+            stats = label_matrix.refresh(reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
+            entropy = torch.special.entr(label_matrix.matrix).sum(dim=1).mean()
         counted, seen, nonfinite, invalid = statistic_totals(stats)
-        entropy = torch.special.entr(label_matrix.matrix).sum(dim=1).mean()
         # One host sync per refresh, never per batch. Every rank reads the same all-reduced totals, so every rank
         # raises together below (none is left waiting in a collective).
         summary = torch.stack([entropy, counted / seen.clamp_min(1.0), nonfinite, invalid, seen]).tolist()
@@ -348,7 +375,8 @@ class AdaLabel(pl.Callback):
             batch_size=1,
         )
         if self.log_label_matrix:  # heatmap and top class pairs of the new Q, written by global rank 0 only
-            log_label_matrix(trainer, label_matrix.matrix, self.class_names, self.top_pairs)
+            matrix = label_matrix if isinstance(label_matrix, SparseLabelMatrix) else label_matrix.matrix
+            log_label_matrix(trainer, matrix, self.class_names, self.top_pairs)
         if summary[2] > 0:
             rank_zero_warn(
                 f"AdaLabel left {int(summary[2])} training samples out of the label statistics because their logits"
@@ -367,6 +395,7 @@ class AdaLabel(pl.Callback):
             "label_matrix": None if label_matrix is None else label_matrix.state_dict(),
             "last_refresh_step": self._last_refresh_step,
             "statistics_epoch": self._statistics_epoch,
+            "top_k": self.top_k,
         }
 
     @override
@@ -388,6 +417,11 @@ class AdaLabel(pl.Callback):
                 f" {state_dict['config']}, but the callback is preset {self.preset_name!r} with {self.preset.__dict__}."
                 " Resume with the same AdaLabel settings, or start a new run."
             )
+        if state_dict.get("top_k") != self.top_k:  # a state from before top_k existed was dense (None)
+            raise ValueError(
+                f"This checkpoint's AdaLabel state was written with top_k={state_dict.get('top_k')!r}, but the callback"
+                f" has top_k={self.top_k!r}. Resume with the same AdaLabel settings, or start a new run."
+            )
         saved = state_dict["label_matrix"]
         if saved is not None:
             num_classes = saved.get("num_classes") if isinstance(saved, dict) else None
@@ -399,7 +433,7 @@ class AdaLabel(pl.Callback):
             check_int("the checkpoint's num_classes", num_classes, minimum=2)
             check_class_names(self.class_names, num_classes)
             device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
-            restored = LabelMatrix(num_classes, device=device, **self.preset.engine_settings())  # type: ignore[arg-type]
+            restored = self._new_engine(num_classes, device)
             restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
         self._label_matrix = None if saved is None else restored
         self._last_refresh_step = state_dict["last_refresh_step"]

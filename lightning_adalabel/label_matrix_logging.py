@@ -10,18 +10,25 @@ loggers that can take them:
 When none of them is attached (CSV, or no logger), the heatmap is saved as
 ``<log_dir>/label_matrix/step_<global_step>.png`` with the pairs in ``step_<global_step>_top_pairs.csv`` beside it.
 Only global rank 0 writes; every rank holds the same Q after a refresh.
+
+A sparse label matrix (``AdaLabel(top_k=...)``) is never densified beyond :data:`MAX_HEATMAP_CLASSES` classes: above
+that only the top pairs are logged (taken from its sparse rows), as a text/table or a CSV without a PNG.
 """
 
 import csv
 import io
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
 from torch import Tensor
 
-from lightning_adalabel.visualization import plot_label_matrix, top_correlated_pairs
+from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
+from lightning_adalabel.visualization import _class_labels, plot_label_matrix, top_correlated_pairs
+
+# A heatmap with more cells than this squared is unreadable, and for a sparse matrix it would need the K x K tensor.
+MAX_HEATMAP_CLASSES = 64
 
 
 def _pairs_markdown(pairs: Sequence[Tuple[str, str, float]]) -> str:
@@ -49,22 +56,25 @@ def _pairs_csv(pairs: Sequence[Tuple[str, str, float]]) -> str:
     return handle.getvalue()
 
 
-def _log_to(logger: Logger, figure: object, pairs: Sequence[Tuple[str, str, float]], step: int) -> bool:
-    """Log the heatmap and the pairs through one logger; False if it takes neither figures nor files."""
+def _log_to(logger: Logger, figure: Optional[Any], pairs: Sequence[Tuple[str, str, float]], step: int) -> bool:
+    """Log the heatmap (if any) and the pairs through one logger; False if it takes neither figures nor files."""
     if isinstance(logger, WandbLogger):  # wandb is imported by the logger, never here
-        logger.log_image(key="adalabel/label_matrix", images=[figure], step=step)
+        if figure is not None:
+            logger.log_image(key="adalabel/label_matrix", images=[figure], step=step)
         if pairs:
             logger.log_table(key="adalabel/top_pairs", columns=PAIR_COLUMNS, data=[list(pair) for pair in pairs],
                              step=step)
         return True
     if isinstance(logger, MLFlowLogger):
         client, run_id = logger.experiment, logger.run_id
-        client.log_figure(run_id, figure, f"adalabel/label_matrix/step_{step}.png")
+        if figure is not None:
+            client.log_figure(run_id, figure, f"adalabel/label_matrix/step_{step}.png")
         client.log_text(run_id, _pairs_csv(pairs), f"adalabel/label_matrix/step_{step}_top_pairs.csv")
         return True
     experiment = getattr(logger, "experiment", None)
     if hasattr(experiment, "add_figure") and hasattr(experiment, "add_text"):  # TensorBoard's SummaryWriter
-        experiment.add_figure("adalabel/label_matrix", figure, global_step=step)  # type: ignore[union-attr]
+        if figure is not None:
+            experiment.add_figure("adalabel/label_matrix", figure, global_step=step)  # type: ignore[union-attr]
         if pairs:
             experiment.add_text("adalabel/top_pairs", _pairs_markdown(pairs), global_step=step)  # type: ignore
         return True
@@ -76,20 +86,40 @@ def label_matrix_dir(trainer: "pl.Trainer") -> str:
     return os.path.join(trainer.log_dir or trainer.default_root_dir, "label_matrix")
 
 
+def _sparse_pairs(
+    matrix: SparseLabelMatrix, n: int, class_names: Optional[Sequence[str]]
+) -> Sequence[Tuple[str, str, float]]:
+    """:func:`top_correlated_pairs` of a sparse matrix, from its explicit entries (one ``topk`` over ``K x k``)."""
+    names = _class_labels(class_names, matrix.num_classes)
+    rows, columns, values = matrix.top_pairs(n)
+    return [(names[row], names[column], round(value, 6))
+            for row, column, value in zip(rows.tolist(), columns.tolist(), values.tolist())]
+
+
 def log_label_matrix(
-    trainer: "pl.Trainer", matrix: Tensor, class_names: Optional[Sequence[str]] = None, top_pairs: int = 10
+    trainer: "pl.Trainer", matrix: Union[Tensor, SparseLabelMatrix], class_names: Optional[Sequence[str]] = None,
+    top_pairs: int = 10,
 ) -> None:
-    """Log the heatmap of ``matrix`` and its ``top_pairs`` most correlated class pairs at the current global step."""
+    """Log the heatmap of ``matrix`` and its ``top_pairs`` most correlated class pairs at the current global step;
+    a sparse matrix of more than :data:`MAX_HEATMAP_CLASSES` classes logs its pairs only."""
     if not trainer.is_global_zero:
         return
     step = trainer.global_step
-    pairs = top_correlated_pairs(matrix, top_pairs, class_names)
-    figure = plot_label_matrix(matrix, class_names, title=f"Label matrix Q at step {step}")
+    figure = None
+    if isinstance(matrix, SparseLabelMatrix):
+        pairs = _sparse_pairs(matrix, top_pairs, class_names)
+        if matrix.num_classes <= MAX_HEATMAP_CLASSES:
+            figure = plot_label_matrix(matrix.to_dense(), class_names, title=f"Label matrix Q at step {step}",
+                                       include_diagonal=matrix.include_diagonal)
+    else:
+        pairs = top_correlated_pairs(matrix, top_pairs, class_names)
+        figure = plot_label_matrix(matrix, class_names, title=f"Label matrix Q at step {step}")
     logged = [_log_to(logger, figure, pairs, step) for logger in trainer.loggers]
     if any(logged):
         return
     directory = label_matrix_dir(trainer)
     os.makedirs(directory, exist_ok=True)
-    figure.savefig(os.path.join(directory, f"step_{step}.png"), dpi=100)
+    if figure is not None:
+        figure.savefig(os.path.join(directory, f"step_{step}.png"), dpi=100)
     with open(os.path.join(directory, f"step_{step}_top_pairs.csv"), "w", newline="") as handle:
         handle.write(_pairs_csv(pairs))

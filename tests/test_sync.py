@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, fused, inputs, label_matrix, losses
+from lightning_adalabel import sparse_label_matrix, sparse_losses
+from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
 K = 5
@@ -62,17 +64,18 @@ class SyncCheckedAdaLabel(AdaLabel):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
 @pytest.mark.parametrize("preset", ["alr", "ols"])
 @pytest.mark.parametrize("soft_targets", [False, True])
-def test_no_host_sync_per_batch_on_cuda(preset, soft_targets):
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top_k"])
+def test_no_host_sync_per_batch_on_cuda(preset, soft_targets, top_k):
     torch.manual_seed(0)
     model = SyncCheckedClassifier(soft_targets, num_classes=K)
-    adalabel = SyncCheckedAdaLabel(preset)  # refreshes at the epoch's end, outside the checked region
+    adalabel = SyncCheckedAdaLabel(preset, top_k=top_k)  # refreshes at the epoch's end, outside the checked region
     # deterministic=False: typical GPU training, and deterministic index_add_ is a different kernel.
     trainer = L.Trainer(**trainer_kwargs(accelerator="cuda", max_steps=50, deterministic=False, callbacks=[adalabel]))
     trainer.fit(model, make_loader(num_samples=50 * 16, num_classes=K, batch_size=16))
     assert trainer.global_step == 50
     assert adalabel.label_matrix.device.type == "cuda"
     assert adalabel.label_matrix.num_refreshes == 1
-    assert torch.isfinite(adalabel.label_matrix.matrix).all()
+    assert torch.isfinite(adalabel.label_matrix.to_dense() if top_k else adalabel.label_matrix.matrix).all()
 
 
 # ---- meta tensors: the per-batch calls can run without ever reading a value --------------------------------------
@@ -112,6 +115,22 @@ def test_statistics_update_never_reads_a_tensor_value(samples, estimator, includ
     matrix.add(statistics)
     matrix.refresh()  # the engine's refresh too (the callback's warning check syncs once per refresh, by design)
     assert matrix.accumulator.device.type == "meta"
+
+
+@pytest.mark.parametrize("samples", ["misclassified", "all", "correct"])
+@pytest.mark.parametrize("include_diagonal", [False, True])
+def test_sparse_statistics_loss_and_refresh_never_read_a_tensor_value(samples, include_diagonal):
+    """The top_k engine's per-batch merge (sorts, scatters) and refresh on meta tensors. Its probability-target
+    product (a CSR matrix, which meta tensors do not support) is covered by the static check below."""
+    matrix = SparseLabelMatrix(K, top_k=2, samples=samples, include_diagonal=include_diagonal, device="meta")
+    logits = torch.randn(8, K, device="meta")
+    matrix.update(logits, torch.randint(0, K, (8,), device="meta"))
+    loss, statistics = matrix.loss(logits.requires_grad_(), torch.randint(0, K, (8,), device="meta"),
+                                   "mixed" if include_diagonal else "decoupled", 0.5)
+    loss.backward()
+    matrix.add(statistics)
+    matrix.refresh()
+    assert matrix.values.device.type == "meta" and logits.grad.device.type == "meta"
 
 
 # ---- static read of the per-batch source -----------------------------------------------------------------------
@@ -185,6 +204,18 @@ PER_BATCH_FUNCTIONS = [
     label_matrix.select_samples,
     label_matrix.residual_prediction_stats,
     *module_functions(losses),  # every loss and its helpers
+    # The sparse engine (top_k): its loss, statistics and batch merge, and the refresh's helpers too.
+    SparseLabelMatrix.loss,
+    SparseLabelMatrix._loss_and_statistics,
+    SparseLabelMatrix.reduced_loss,
+    SparseLabelMatrix.batch_statistics,
+    SparseLabelMatrix.update,
+    SparseLabelMatrix.add,
+    SparseLabelMatrix._merge,
+    *module_functions(sparse_label_matrix),
+    *module_functions(sparse_losses),
+    sparse_losses._SparseSoftLabelCrossEntropy.forward,
+    sparse_losses._SparseSoftLabelCrossEntropy.backward,
     AdaLabel.loss,
     AdaLabel._label_matrix_for,
     AdaLabel.on_train_batch_start,
