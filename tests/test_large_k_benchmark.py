@@ -1,0 +1,28 @@
+"""The large-label-set benchmark runs end to end from its command line at a tiny K and prints both tables."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "large_k.py"
+
+
+def test_large_k_benchmark_prints_its_tables_and_recovers_the_groups():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--num-classes", "64", "--top-k", "4", "--steps", "12", "--refresh-every", "6",
+         "--batch-size", "32", "--dense-up-to", "64", "--error", "--error-classes", "64", "--error-group-size", "8",
+         "--error-top-k", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| 64 |")}
+    assert set(rows) == {"ce", "alr top_k=4", "alr dense"}
+    # Classes in groups of 4 start confused within their group: the sparse rows hold the group mates.
+    precision, recall = float(rows["alr top_k=4"][6]), float(rows["alr top_k=4"][7])
+    assert precision > 0.9 and recall > 0.9
+    errors = [line for line in result.stdout.splitlines() if line.startswith("| 2 | 2 |")]
+    assert len(errors) == 2  # after the second refresh: the two statistics sizes
+    for line in errors:
+        l1, held = (float(cell) for cell in line.strip("| ").split(" | ")[4:6])
+        assert 0 < l1 < 2 and 0 < held <= 1
