@@ -8,6 +8,7 @@ label, then one or more quoted text fields (AG News: title, description; Yahoo: 
 best answer; Yelp: review text). Quotes inside a field are doubled (``""``) and line breaks are written ``\\n``.
 """
 
+import abc
 import csv
 import os
 import re
@@ -131,7 +132,7 @@ def collate_bags(samples: Sequence[Tuple[Tensor, int]]) -> Tuple[Bag, Tensor]:
     return (torch.cat(ids), offsets), labels
 
 
-class LabeledCSVDataModule(SplitDataModule):
+class LabeledCSVDataModule(SplitDataModule, abc.ABC):
     """A CSV text-classification data set (``root/train.csv``, ``root/test.csv``): reading the files, the hold-out
     split and the missing-file checks. Subclasses turn the texts and labels into a data set (:meth:`make_dataset`).
 
@@ -164,9 +165,9 @@ class LabeledCSVDataModule(SplitDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
 
+    @abc.abstractmethod
     def make_dataset(self, texts: Sequence[str], labels: Sequence[int]) -> Dataset:
         """The data set of one split's texts and 0-based labels, as the model takes them."""
-        raise NotImplementedError
 
     def check_data_exists(self, stage: str) -> None:
         # setup("fit") reads train.csv, and test.csv as well unless validation is held out of train.csv.
