@@ -21,7 +21,7 @@ from lightning_adalabel.inputs import (
     check_values,
     invalid_targets_message,
 )
-from lightning_adalabel.label_matrix import BatchStatistics, LabelMatrix, _batch_statistics, statistic_totals
+from lightning_adalabel.label_matrix import BatchStatistics, LabelMatrix, statistic_totals
 from lightning_adalabel.label_matrix_logging import log_label_matrix
 from lightning_adalabel.losses import _reduced_loss
 from lightning_adalabel.module import AdaLabelMixin
@@ -211,13 +211,10 @@ class AdaLabel(pl.Callback):
             self._first_batch_checked = True
         batch = _format(logits, target, self.ignore_index)
         if not training or self.preset.loss == "ce":
-            if isinstance(label_matrix, SparseLabelMatrix):
-                if training:
-                    self._pending.append(label_matrix.batch_statistics(batch))
-                return label_matrix.reduced_loss(batch, self.preset.loss, self.preset.alpha, reduction)
             if training:
-                self._pending.append(_batch_statistics(batch, label_matrix.samples, label_matrix.estimator,
-                                                       label_matrix.include_diagonal))
+                self._pending.append(label_matrix.batch_statistics(batch))
+            if isinstance(label_matrix, SparseLabelMatrix):
+                return label_matrix.reduced_loss(batch, self.preset.loss, self.preset.alpha, reduction)
             return _reduced_loss(logits, target, batch, label_matrix.matrix, self.preset.loss, self.preset.alpha,
                                  self.ignore_index, reduction)
         # The statistics come from the loss's own softmax. Only queued: on_train_batch_end adds them. That keeps the

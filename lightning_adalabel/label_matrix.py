@@ -422,6 +422,10 @@ class LabelMatrix:
         with torch.no_grad():
             _label_matrix_update(self._buffer, batch, self.samples, self.estimator, self.include_diagonal)
 
+    def batch_statistics(self, batch: ClassificationBatch) -> BatchStatistics:
+        """The statistics of a formatted batch, from its logits (when no loss of this Q computed them)."""
+        return _batch_statistics(batch, self.samples, self.estimator, self.include_diagonal)
+
     def loss(
         self, logits: Tensor, target: Tensor, loss: str = "decoupled", alpha: float = 1.0, ignore_index: int = -100,
         reduction: str = "mean",
@@ -453,7 +457,7 @@ class LabelMatrix:
         )
         if not fused:
             value = _reduce(_straightforward_per_sample(batch, self.matrix, loss, alpha), batch, reduction)
-            return value, _batch_statistics(batch, self.samples, self.estimator, self.include_diagonal)
+            return value, self.batch_statistics(batch)
         value, probs, destination, counts = fused_soft_label_loss(
             batch, self.matrix, decoupled, alpha, reduction, self.samples, rows_sum_to_one=self.start != "zeros"
         )

@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from lightning_adalabel.fused import _counted
+from lightning_adalabel.fused import _counted, _tallies
 from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
 from lightning_adalabel.sparse_losses import sparse_loss_per_sample, sparse_soft_label_loss
 from lightning_adalabel.validation import check_engine_config, check_int
@@ -95,8 +95,8 @@ def _sparse_statistics(
         # The true logit against the largest other one (or all, with the diagonal): a tie counts as right.
         correct = logits.gather(1, index).squeeze(1) >= largest
         counted = _counted(samples, finite & batch.valid, correct)
-        counts = torch.stack([counted, batch.valid, batch.valid & ~finite, batch.invalid], dim=1).float()
-        destination = torch.where(counted, target, num_classes)
+        columns = (value[:, None] for value in (counted, batch.valid, finite, batch.invalid, target))
+        destination, counts = _tallies(*columns, num_classes)  # type: ignore[call-arg]  # the dense engine's tallies
         if samples == "none":
             empty = logits.new_zeros(logits.shape[0], 0)
             return SparseBatchStatistics(destination, empty.long(), empty, empty[:, 0], target, counts)

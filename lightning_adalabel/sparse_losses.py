@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_adalabel.fused import _softmax_and_logsumexp
 from lightning_adalabel.inputs import ClassificationBatch
 from lightning_adalabel.losses import _logsumexp_without_each_class
 
@@ -53,11 +54,11 @@ def _sparse_rows_times(target: Tensor, indices: Tensor, values: Tensor) -> Tenso
         return torch.sparse.mm(transposed, target.detach().T).T
 
 
-def _softmax_and_logsumexp(logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(softmax, logsumexp, max)`` of each row, from one softmax: its largest entry is ``exp(0) / sum``."""
-    top = logits.amax(dim=1)
-    probs = logits.softmax(dim=1)
-    return probs, top - probs.amax(dim=1).log(), top
+def _softmax_and_logsumexp_rows(logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The dense loss's ``(softmax, logsumexp, max)`` (:func:`lightning_adalabel.fused._softmax_and_logsumexp`), the
+    last two as ``(M,)`` vectors."""
+    probs, lse, top = _softmax_and_logsumexp(logits)
+    return probs, lse.squeeze(1), top.squeeze(1)
 
 
 class _SparseSoftLabelCrossEntropy(torch.autograd.Function):
@@ -81,11 +82,11 @@ class _SparseSoftLabelCrossEntropy(torch.autograd.Function):
         soft_dot = (values * logits.gather(1, indices)).sum(dim=1)
         floor_on_target = decoupled or not include_diagonal  # the uniform part leaves out the true class
         if decoupled:
-            probs, lse, top = _softmax_and_logsumexp(logits.scatter(1, index, float("-inf")))
+            probs, lse, top = _softmax_and_logsumexp_rows(logits.scatter(1, index, float("-inf")))
             gap = lse - true_logit
             hard_weight, hard = torch.sigmoid(gap), F.softplus(gap)  # 1 - p_y and CE, exact where p_y rounds to 1
         else:
-            probs, lse, top = _softmax_and_logsumexp(logits)
+            probs, lse, top = _softmax_and_logsumexp_rows(logits)
             hard_weight = torch.full_like(lse, 1.0 - alpha)
             hard = (lse - true_logit) * (1.0 - alpha)
         mean_allowed = (logit_sums - true_logit) / (num_classes - 1) if floor_on_target else logit_sums / num_classes

@@ -191,6 +191,7 @@ PER_BATCH_FUNCTIONS = [
     LabelMatrix.loss,
     LabelMatrix._loss_and_statistics,
     LabelMatrix.add,
+    LabelMatrix.batch_statistics,
     label_matrix._batch_statistics,
     label_matrix._add_statistics,
     label_matrix._predicted_right,
