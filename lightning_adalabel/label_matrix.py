@@ -36,10 +36,11 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from lightning_adalabel.compiled_loss import compiled
 from lightning_adalabel.fused import _counted, _tallies, fused_soft_label_loss
 from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
 from lightning_adalabel.losses import _straightforward_per_sample
-from lightning_adalabel.validation import check_engine_config, check_int, validate_label_matrix
+from lightning_adalabel.validation import check_bool, check_engine_config, check_int, validate_label_matrix
 
 # Version of the state_dict layout. 1: accumulator K x (K + 3), no invalid-target column (lightning_adalabel 0.1.0).
 STATE_VERSION = 2
@@ -277,6 +278,28 @@ def _label_matrix_compute(
     return torch.lerp(matrix, estimate.masked_fill_(empty, 0.0), (~empty).to(matrix.dtype) * momentum)
 
 
+def _loss_and_statistics(
+    logits: Tensor, target: Tensor, ignore_index: int, matrix: Tensor, loss: str, alpha: float, reduction: str,
+    samples: str, estimator: str, include_diagonal: bool, rows_sum_to_one: bool,
+) -> Tuple[Tensor, BatchStatistics]:
+    """The reduced loss of a batch in ``F.cross_entropy``'s layouts and its statistics; one softmax where the loss's
+    probabilities are the statistic (class-index targets, the ``mean`` estimator), the straightforward path
+    otherwise. A pure function of tensors and settings, so that ``compile_loss=True`` compiles it whole."""
+    batch = _format(logits, target, ignore_index)
+    decoupled = loss == "decoupled"
+    fused = loss != "ce" and not batch.probabilistic and (
+        samples == "none" or (estimator == "mean" and include_diagonal != decoupled)
+    )
+    if not fused:
+        value = _reduce(_straightforward_per_sample(batch, matrix, loss, alpha), batch, reduction)
+        return value, _batch_statistics(batch, samples, estimator, include_diagonal)
+    value, probs, destination, counts = fused_soft_label_loss(
+        batch, matrix, decoupled, alpha, reduction, samples, rows_sum_to_one
+    )
+    rows = probs if samples != "none" else probs[:, :0]
+    return value, BatchStatistics(rows, destination, batch.target, counts)
+
+
 class LabelMatrix:
     """The residual label matrix Q with its online statistics.
 
@@ -299,6 +322,9 @@ class LabelMatrix:
             loss is 0 until the first refresh (the official Online Label Smoothing code).
         empty_rows: at a refresh, a row without samples is kept (``"keep"``) or reset to uniform (``"uniform"``, the
             official Online Label Smoothing code).
+        compile_loss: compute :meth:`loss` (formatting, loss and statistics) as one ``torch.compile``'d graph:
+            several times fewer operations per batch, for a compilation on the first batch (see
+            :mod:`lightning_adalabel.compiled_loss`). Values equal the eager ones to float rounding.
 
     Example:
         >>> matrix = LabelMatrix(3, samples="all")
@@ -325,8 +351,10 @@ class LabelMatrix:
         prior_strength: float = 0.0,
         start: str = "uniform",
         empty_rows: str = "keep",
+        compile_loss: bool = False,
     ) -> None:
         check_int("num_classes", num_classes, minimum=2)
+        check_bool("compile_loss", compile_loss)
         check_engine_config(samples, estimator, momentum, include_diagonal, prior, prior_strength, start, empty_rows)
         self.num_classes = num_classes
         self.samples = samples
@@ -337,6 +365,7 @@ class LabelMatrix:
         self.prior_strength = float(prior_strength)
         self.start = start
         self.empty_rows = empty_rows
+        self.compile_loss = compile_loss
         if initial_matrix is not None and start == "zeros":
             raise ValueError("`start='zeros'` and `initial_matrix` exclude each other: give one or the other.")
         if start == "zeros":
@@ -394,6 +423,7 @@ class LabelMatrix:
         # started from one callback would otherwise update a single accumulator at the same time, losing counts and
         # then all-reducing them twice. Each process owns its copy.
         self.__dict__.update(state)
+        self.__dict__.setdefault("compile_loss", False)  # pickled before the setting existed
         self.matrix = self.matrix.clone()
         if "_buffer" not in state:  # pickled by lightning_adalabel 0.1, which kept the K x (K + 4) table itself
             accumulator = self.__dict__.pop("accumulator")
@@ -444,25 +474,16 @@ class LabelMatrix:
         """
         _arg_validation(ignore_index, reduction)
         _tensor_validation(logits, target, self.num_classes)
-        return self._loss_and_statistics(_format(logits, target, ignore_index), loss, alpha, reduction)
+        return self._loss_and_statistics(logits, target, ignore_index, loss, alpha, reduction)
 
     def _loss_and_statistics(
-        self, batch: ClassificationBatch, loss: str, alpha: float, reduction: str = "mean"
+        self, logits: Tensor, target: Tensor, ignore_index: int, loss: str, alpha: float, reduction: str = "mean"
     ) -> Tuple[Tensor, BatchStatistics]:
-        """The reduced loss and the statistics of a formatted batch; one softmax where the loss's probabilities are
-        the statistic (class-index targets, the ``mean`` estimator), the straightforward path otherwise."""
-        decoupled = loss == "decoupled"
-        fused = loss != "ce" and not batch.probabilistic and (
-            self.samples == "none" or (self.estimator == "mean" and self.include_diagonal != decoupled)
-        )
-        if not fused:
-            value = _reduce(_straightforward_per_sample(batch, self.matrix, loss, alpha), batch, reduction)
-            return value, self.batch_statistics(batch)
-        value, probs, destination, counts = fused_soft_label_loss(
-            batch, self.matrix, decoupled, alpha, reduction, self.samples, rows_sum_to_one=self.start != "zeros"
-        )
-        rows = probs if self.samples != "none" else probs[:, :0]
-        return value, BatchStatistics(rows, destination, batch.target, counts)
+        """The reduced loss and the statistics of a checked batch (see :func:`_loss_and_statistics`), compiled when
+        this engine was built with ``compile_loss=True``."""
+        compute = compiled(_loss_and_statistics) if self.compile_loss else _loss_and_statistics
+        return compute(logits, target, ignore_index, self.matrix, loss, alpha, reduction, self.samples,
+                       self.estimator, self.include_diagonal, self.start != "zeros")
 
     def add(self, statistics: BatchStatistics) -> None:
         """Add the statistics of a batch (from :meth:`loss`) to the accumulator."""

@@ -34,10 +34,11 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from lightning_adalabel.compiled_loss import compiled
 from lightning_adalabel.fused import _counted, _tallies
 from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
 from lightning_adalabel.sparse_losses import sparse_loss_per_sample, sparse_soft_label_loss
-from lightning_adalabel.validation import check_engine_config, check_int
+from lightning_adalabel.validation import check_bool, check_engine_config, check_int
 
 STATE_VERSION = 1
 # Class indices travel through the cross-rank gather as float32, exact below 2^24.
@@ -210,6 +211,24 @@ def _refresh_weights(
     return (1.0 - weight) + weight * estimate_old, weight / denominator, weight * estimate_uniform
 
 
+def _class_index_loss_and_statistics(
+    logits: Tensor, target: Tensor, ignore_index: int, indices: Tensor, values: Tensor, residual_mass: Tensor,
+    decoupled: bool, alpha: float, reduction: str, samples: str, estimator: str, include_diagonal: bool,
+    statistics_top_k: int,
+) -> Tuple[Tensor, SparseBatchStatistics]:
+    """The reduced loss of a batch with class-index targets and its statistics; one softmax where the loss's
+    probabilities are the statistic (the ``mean`` estimator, ``p_res`` for decoupled, ``p`` for mixed with the
+    diagonal), as the dense engine. A pure function of tensors and settings, so that ``compile_loss=True`` compiles
+    it whole."""
+    batch = _format(logits, target, ignore_index)
+    per_row, probs, largest, logit_sums = sparse_soft_label_loss(
+        batch, indices, values, residual_mass, decoupled, alpha, include_diagonal)
+    shared = samples == "none" or (estimator == "mean" and include_diagonal != decoupled)
+    statistics = _sparse_statistics(batch, samples, estimator, include_diagonal, statistics_top_k,
+                                    (probs, largest, logit_sums) if shared else None)
+    return _reduce(per_row, batch, reduction), statistics
+
+
 class SparseLabelMatrix:
     """Q with ``top_k`` entries per row and a uniform remainder, and bounded statistics (see the module docstring).
 
@@ -224,6 +243,8 @@ class SparseLabelMatrix:
             learned rows measured as close to the dense Q as a ``top_k`` truncation of it can be (see
             ``docs/large_label_sets.md``).
         device: where Q and the statistics live (the logits' device).
+        compile_loss: as :class:`~lightning_adalabel.LabelMatrix`, for class-index targets (probability targets run
+            eagerly: torch.compile does not trace their sparse product).
 
     Example:
         >>> matrix = SparseLabelMatrix(4, top_k=1)
@@ -250,8 +271,10 @@ class SparseLabelMatrix:
         statistics_top_k: Optional[int] = None,
         candidates: Optional[int] = None,
         device: Optional[Union[str, torch.device]] = None,
+        compile_loss: bool = False,
     ) -> None:
         check_int("num_classes", num_classes, minimum=2)
+        check_bool("compile_loss", compile_loss)
         if num_classes >= _MAX_CLASSES:
             raise ValueError(f"The sparse label matrix takes fewer than {_MAX_CLASSES} classes, got {num_classes}.")
         check_engine_config(samples, estimator, momentum, include_diagonal, prior, prior_strength, start, empty_rows)
@@ -272,6 +295,7 @@ class SparseLabelMatrix:
         self.statistics_top_k = min(statistics_top_k or 2 * top_k, allowed)
         self.candidates = min(candidates or 4 * top_k, allowed)
         self.allowed = allowed
+        self.compile_loss = compile_loss
         diagonal = torch.arange(num_classes, device=device)
         self.indices = diagonal[:, None].repeat(1, self.top_k)
         self.values = torch.zeros(num_classes, self.top_k, device=device)
@@ -353,23 +377,20 @@ class SparseLabelMatrix:
         """The loss of a batch with this Q and the batch's statistics; :meth:`add` them once the step is done."""
         _arg_validation(ignore_index, reduction)
         _tensor_validation(logits, target, self.num_classes)
-        return self._loss_and_statistics(_format(logits, target, ignore_index), loss, alpha, reduction)
+        return self._loss_and_statistics(logits, target, ignore_index, loss, alpha, reduction)
 
     def _loss_and_statistics(
-        self, batch: ClassificationBatch, loss: str, alpha: float, reduction: str = "mean"
+        self, logits: Tensor, target: Tensor, ignore_index: int, loss: str, alpha: float, reduction: str = "mean"
     ) -> Tuple[Tensor, SparseBatchStatistics]:
-        """The reduced loss and the statistics of a formatted batch; one softmax where the loss's probabilities are
-        the statistic (class-index targets, the ``mean`` estimator, ``p_res`` for decoupled, ``p`` for mixed with
-        the diagonal), as the dense engine."""
-        decoupled = loss == "decoupled"
-        if loss == "ce" or batch.probabilistic:
+        """The reduced loss and the statistics of a checked batch (see :func:`_class_index_loss_and_statistics`),
+        compiled when this engine was built with ``compile_loss=True``."""
+        if loss == "ce" or target.is_floating_point():
+            # Eager even with compile_loss: torch.compile does not trace the sparse CSR product of probability targets.
+            batch = _format(logits, target, ignore_index)
             return self.reduced_loss(batch, loss, alpha, reduction), self.batch_statistics(batch)
-        per_row, probs, largest, logit_sums = sparse_soft_label_loss(
-            batch, self.indices, self.values, self.residual_mass, decoupled, alpha, self.include_diagonal)
-        shared = self.samples == "none" or (self.estimator == "mean" and self.include_diagonal != decoupled)
-        statistics = _sparse_statistics(batch, self.samples, self.estimator, self.include_diagonal,
-                                        self.statistics_top_k, (probs, largest, logit_sums) if shared else None)
-        return _reduce(per_row, batch, reduction), statistics
+        compute = compiled(_class_index_loss_and_statistics) if self.compile_loss else _class_index_loss_and_statistics
+        return compute(logits, target, ignore_index, self.indices, self.values, self.residual_mass, loss == "decoupled",
+                       alpha, reduction, self.samples, self.estimator, self.include_diagonal, self.statistics_top_k)
 
     def reduced_loss(self, batch: ClassificationBatch, loss: str, alpha: float, reduction: str = "mean") -> Tensor:
         """The loss of a formatted batch with this Q, reduced as torch reduces; no statistics."""
@@ -535,6 +556,7 @@ class SparseLabelMatrix:
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # As LabelMatrix: a process started by torch.multiprocessing owns its copy of the (shared-memory) tensors.
         self.__dict__.update(state)
+        self.__dict__.setdefault("compile_loss", False)  # pickled before the setting existed
         for key, value in state.items():
             if isinstance(value, Tensor):
                 setattr(self, key, value.clone())

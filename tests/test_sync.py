@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, fused, inputs, label_matrix, losses
-from lightning_adalabel import sparse_label_matrix, sparse_losses
+from lightning_adalabel import compiled_loss, sparse_label_matrix, sparse_losses
 from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
@@ -65,10 +65,12 @@ class SyncCheckedAdaLabel(AdaLabel):
 @pytest.mark.parametrize("preset", ["alr", "ols"])
 @pytest.mark.parametrize("soft_targets", [False, True])
 @pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top_k"])
-def test_no_host_sync_per_batch_on_cuda(preset, soft_targets, top_k):
+@pytest.mark.parametrize("compile_loss", [False, True], ids=["eager", "compiled"])
+def test_no_host_sync_per_batch_on_cuda(preset, soft_targets, top_k, compile_loss):
     torch.manual_seed(0)
     model = SyncCheckedClassifier(soft_targets, num_classes=K)
-    adalabel = SyncCheckedAdaLabel(preset, top_k=top_k)  # refreshes at the epoch's end, outside the checked region
+    # Compiled, batch 0 compiles (unchecked); the graph of every later batch must not sync either.
+    adalabel = SyncCheckedAdaLabel(preset, top_k=top_k, compile_loss=compile_loss)  # refreshes at the epoch's end, outside the checked region
     # deterministic=False: typical GPU training, and deterministic index_add_ is a different kernel.
     trainer = L.Trainer(**trainer_kwargs(accelerator="cuda", max_steps=50, deterministic=False, callbacks=[adalabel]))
     trainer.fit(model, make_loader(num_samples=50 * 16, num_classes=K, batch_size=16))
@@ -190,6 +192,8 @@ PER_BATCH_FUNCTIONS = [
     LabelMatrix.update_batch,
     LabelMatrix.loss,
     LabelMatrix._loss_and_statistics,
+    label_matrix._loss_and_statistics,
+    *module_functions(compiled_loss),
     LabelMatrix.add,
     LabelMatrix.batch_statistics,
     label_matrix._batch_statistics,
