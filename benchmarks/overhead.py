@@ -4,15 +4,15 @@ Two measurements, in one process:
 
 1. **Training step.** A real Lightning loop on a small CNN, timed by a callback as the wall-clock between
    consecutive ``on_train_batch_start`` calls (so everything between two batches counts: forward, loss,
-   backward, optimizer, every callback's ``on_train_batch_end``, logging). Three loops share the network, data
-   and optimizer: ``AdaLabel(preset="alr")``, ``AdaLabel(preset="none")`` through the same mixin, and a plain
-   LightningModule with ``F.cross_entropy`` and no callback. They run interleaved, several rounds each, and the
+   backward, optimizer, every callback's ``on_train_batch_end``, logging). Four loops share the network, data
+   and optimizer: ``AdaLabel(preset="alr")``, the same with ``compile_loss=True``, ``AdaLabel(preset="none")``
+   through the same mixin, and a plain LightningModule with ``F.cross_entropy`` and no callback. They run interleaved, several rounds each, and the
    table reports the median step of each and its ratio to the plain module.
 2. **Micro-benchmark** of one batch (B=256) at K classes, milliseconds for the statistics update + the loss forward
    and backward: ``F.cross_entropy`` (no statistics), ours as the callback runs it (``LabelMatrix.loss``, backward,
-   ``LabelMatrix.add``: one softmax) for ALR and OLS, ours before the one-pass loss (``update`` + the
-   straightforward loss), and Online Label Smoothing as public code writes it (its loss, then a vectorised update
-   or the official per-sample Python loop).
+   ``LabelMatrix.add``: one softmax) for ALR and OLS, eager and with ``compile_loss=True`` (the same per-batch path
+   as one compiled graph), ours before the one-pass loss (``update`` + the straightforward loss), and Online Label
+   Smoothing as public code writes it (its loss, then a vectorised update or the official per-sample Python loop).
 
 Usage::
 
@@ -119,7 +119,9 @@ def time_training_loop(variant: str, args: argparse.Namespace, loader: DataLoade
         model: L.LightningModule = PlainClassifier(network)
     else:
         model = AdaLabelClassifier(network)
-        callbacks.insert(0, AdaLabel(preset=variant.split("=")[1], num_classes=args.num_classes))
+        preset, *options = variant.split("=")[1].split(", ")
+        callbacks.insert(0, AdaLabel(preset=preset, num_classes=args.num_classes,
+                                     compile_loss="compile_loss" in options))
     trainer = L.Trainer(
         accelerator=args.device, devices=1, precision=args.precision, max_steps=args.warmup + args.steps + 1,
         callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -136,6 +138,8 @@ def benchmark_training_step(args: argparse.Namespace) -> List[Dict[str, Any]]:
     y = torch.randint(0, args.num_classes, (size * args.batch_size,), generator=generator)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=False)
     variants = ["plain F.cross_entropy", "AdaLabel preset=none", "AdaLabel preset=alr"]
+    if not args.skip_compiled:
+        variants.append("AdaLabel preset=alr, compile_loss")
     times: Dict[str, List[float]] = {variant: [] for variant in variants}
     for round_index in range(args.rounds):  # interleaved, so that drift in machine load hits every variant alike
         for variant in variants:
@@ -212,6 +216,9 @@ def benchmark_update_and_loss(args: argparse.Namespace) -> List[Dict[str, Any]]:
         logits, target = logits.to(args.device).requires_grad_(), target.to(args.device)
         alr_engine = LabelMatrix(num_classes, samples="misclassified", device=args.device)
         ols_engine = LabelMatrix(num_classes, samples="correct", include_diagonal=True, device=args.device)
+        alr_compiled = LabelMatrix(num_classes, samples="misclassified", device=args.device, compile_loss=True)
+        ols_compiled = LabelMatrix(num_classes, samples="correct", include_diagonal=True, device=args.device,
+                                   compile_loss=True)
         sums = torch.zeros(num_classes, num_classes, device=args.device)
         counts = torch.zeros(num_classes, device=args.device)
         ols_matrix = initial_label_matrix(num_classes, include_diagonal=True, device=args.device)
@@ -253,8 +260,12 @@ def benchmark_update_and_loss(args: argparse.Namespace) -> List[Dict[str, Any]]:
             "ols_vectorised_ms": 1e3 * time_call(public_ols(vectorised_update), args.device, repeats),
             "ols_loop_ms": 1e3 * time_call(public_ols(python_loop_update), args.device, max(3, repeats // 10)),
         }
-        row["alr_over_ce"] = row["alr_ms"] / row["ce_ms"]
-        row["ols_over_ce"] = row["ols_ms"] / row["ce_ms"]
+        if not args.skip_compiled:  # the warm-up calls compile (seconds); the timed ones run the compiled graphs
+            row["alr_compiled_ms"] = 1e3 * time_call(ours(alr_compiled, "decoupled", 1.0), args.device, repeats)
+            row["ols_compiled_ms"] = 1e3 * time_call(ours(ols_compiled, "mixed", 0.5), args.device, repeats)
+        for name in ("alr", "ols", "alr_compiled", "ols_compiled"):
+            if f"{name}_ms" in row:
+                row[f"{name}_over_ce"] = row[f"{name}_ms"] / row["ce_ms"]
         rows.append(row)
         print(f"K={num_classes}: {row}", flush=True)
     return rows
@@ -335,22 +346,30 @@ def training_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def micro_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """Markdown table of :func:`benchmark_update_and_loss`'s rows (milliseconds per batch).
+    """Markdown table of :func:`benchmark_update_and_loss`'s rows (milliseconds per batch); the ``compile_loss``
+    columns read "-" when they were skipped.
 
     Example:
         >>> row = dict(K=10, ce_ms=0.1, alr_ms=0.2, alr_straightforward_ms=0.4, ols_ms=0.2, ols_vectorised_ms=0.3,
-        ...            ols_loop_ms=3.0, alr_over_ce=2.0, ols_over_ce=2.0)
+        ...            ols_loop_ms=3.0, alr_over_ce=2.0, ols_over_ce=2.0, alr_compiled_ms=0.15, alr_compiled_over_ce=1.5)
         >>> print(micro_table([row]).splitlines()[-1])
-        | 10 | 0.100 | 0.200 | 2.00 | 0.400 | 0.200 | 2.00 | 0.300 | 3.00 |
+        | 10 | 0.100 | 0.200 | 2.00 | 0.150 | 1.50 | 0.400 | 0.200 | 2.00 | - | - | 0.300 | 3.00 |
     """
+
+    def cell(row: Dict[str, Any], key: str, digits: int) -> str:
+        return f"{row[key]:.{digits}f}" if key in row else "-"
+
     lines = [
-        "| K | F.cross_entropy | ALR (ours) | ALR / CE | ALR before the one-pass loss | OLS (ours) | OLS / CE |"
-        " OLS, public vectorised | OLS, official per-sample loop |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| K | F.cross_entropy | ALR (ours) | ALR / CE | ALR, compile_loss | compiled / CE | ALR before the one-pass loss"
+        " | OLS (ours) | OLS / CE | OLS, compile_loss | compiled / CE | OLS, public vectorised"
+        " | OLS, official per-sample loop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['K']} | {r['ce_ms']:.3f} | {r['alr_ms']:.3f} | {r['alr_over_ce']:.2f} | {r['alr_straightforward_ms']:.3f}"
-        f" | {r['ols_ms']:.3f} | {r['ols_over_ce']:.2f} | {r['ols_vectorised_ms']:.3f} | {r['ols_loop_ms']:.2f} |"
+        f"| {r['K']} | {r['ce_ms']:.3f} | {r['alr_ms']:.3f} | {r['alr_over_ce']:.2f} | {cell(r, 'alr_compiled_ms', 3)}"
+        f" | {cell(r, 'alr_compiled_over_ce', 2)} | {r['alr_straightforward_ms']:.3f} | {r['ols_ms']:.3f}"
+        f" | {r['ols_over_ce']:.2f} | {cell(r, 'ols_compiled_ms', 3)} | {cell(r, 'ols_compiled_over_ce', 2)}"
+        f" | {r['ols_vectorised_ms']:.3f} | {r['ols_loop_ms']:.2f} |"
         for r in rows
     ]
     return "\n".join(lines)
@@ -404,10 +423,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per loop and round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each loop")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the three loops")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the loops")
     parser.add_argument("--micro-classes", type=int, nargs="*", default=[10, 100, 1000, 10000])
     parser.add_argument("--repeats", type=int, default=100, help="calls per micro-benchmark case")
     parser.add_argument("--skip-training", action="store_true", help="only the micro-benchmark")
+    parser.add_argument("--skip-compiled", action="store_true",
+                        help="leave out AdaLabel(compile_loss=True) (its first call compiles for seconds; needs a C++"
+                        " compiler on the CPU, Triton on a GPU)")
     parser.add_argument("--memory-classes", type=int, nargs="*", default=[],
                         help="K values for the time and memory of a step, a refresh and a state_dict, each in a"
                         " fresh process (e.g. 1000 10000 21841; K=21841 needs about 6 GB)")
