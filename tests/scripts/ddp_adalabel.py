@@ -37,6 +37,8 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "ols": dict(preset="ols", refresh_every_n_steps=2, accumulate_grad_batches=1),
     "alr_accumulate": dict(preset="alr", refresh_every_n_steps=2, accumulate_grad_batches=2),
     "alr_epoch": dict(preset="alr", refresh_every_n_steps=None, accumulate_grad_batches=1),
+    # The per-batch path compiled in every process (each rank compiles its own graph).
+    "alr_compiled": dict(preset="alr", refresh_every_n_steps=2, accumulate_grad_batches=1, compile_loss=True),
 }
 
 
@@ -118,7 +120,8 @@ def run_config(name: str, devices: int) -> Dict[str, Any]:
     config = CONFIGS[name]
     torch.manual_seed(0)
     model = TinyClassifier(IN_FEATURES, NUM_CLASSES, lr=0.1)
-    callback = RecordingAdaLabel(preset=config["preset"], refresh_every_n_steps=config["refresh_every_n_steps"])
+    callback = RecordingAdaLabel(preset=config["preset"], refresh_every_n_steps=config["refresh_every_n_steps"],
+                                 compile_loss=config.get("compile_loss", False))
     strategy: Any = CountingDDPStrategy() if devices > 1 else "auto"
     trainer = L.Trainer(
         **trainer_kwargs(
