@@ -95,9 +95,10 @@ class AdaLabel(pl.Callback):
             ``label_matrix.to_dense()`` gives Q as a matrix (small K only); the heatmap is logged up to
             K = 64, the top pairs at any K.
         compile_loss: compute each training batch's loss and statistics as one ``torch.compile``'d graph (a C++
-            compiler on the CPU, Triton on a GPU): the same values, at a fraction of the eager per-batch cost where
-            that cost is the number of operations (small K, GPUs), for a compilation of seconds on the first batch.
-            See :mod:`lightning_adalabel.compiled_loss`.
+            compiler on the CPU, Triton on a GPU): the same values, for a compilation of seconds on the first batch.
+            It pays where the eager cost is the number of operations, not their arithmetic (on a 2-core CPU a batch
+            of 256 took 0.21 instead of 0.32 ms at K=10, 0.59 instead of 0.74 at K=1000). See
+            :mod:`lightning_adalabel.compiled_loss`.
 
     Example::
 
