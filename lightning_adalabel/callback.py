@@ -1,7 +1,9 @@
 """``AdaLabel``: the Lightning callback that owns the label matrix and decides when it is refreshed."""
 
+import itertools
 import math
 import os
+import sys
 import tempfile
 import uuid
 import weakref
@@ -19,6 +21,7 @@ from lightning_adalabel.inputs import (
     _format,
     _tensor_validation,
     check_values,
+    count_unusable_logits,
     invalid_targets_message,
 )
 from lightning_adalabel.label_matrix import BatchStatistics, LabelMatrix, statistic_totals
@@ -46,6 +49,9 @@ EmptyRows = Literal["keep", "uniform"]
 
 # A state written before a preset field existed was written with the field's default.
 _CONFIG_DEFAULTS = {field.name: field.default for field in fields(Preset) if field.default is not MISSING}
+
+# Distinct state keys for Lightning's duplicate check only (see AdaLabel.state_key).
+_validation_keys = itertools.count()
 
 # Version of AdaLabel.state_dict's layout. 1: lightning_adalabel 0.1.0 (no "version" key).
 STATE_VERSION = 2
@@ -162,9 +168,13 @@ class AdaLabel(pl.Callback):
         check_class_names(self.class_names, self.num_classes)
         self.top_pairs = top_pairs
         self._label_matrix: Optional[Union[LabelMatrix, SparseLabelMatrix]] = None
+        self._in_training_step = False
         self._start_fit()
-        # ddp_spawn / ddp_notebook train in child processes: rank 0 leaves its state in this file for the callback
-        # in the launching process (see `label_matrix`).
+        self._own_hand_over_file()
+
+    def _own_hand_over_file(self) -> None:
+        """ddp_spawn / ddp_notebook train in child processes: rank 0 leaves its state in this file for the callback
+        in the launching process (see `label_matrix`). Every callback, copies included, has its own."""
         self._owner_pid = os.getpid()
         self._spawned_state_path = os.path.join(tempfile.gettempdir(), f"lightning_adalabel-{uuid.uuid4().hex}.pt")
         weakref.finalize(self, _remove_owned_file, self._spawned_state_path, self._owner_pid)
@@ -190,6 +200,7 @@ class AdaLabel(pl.Callback):
         self._pending: List[Union[BatchStatistics, SparseBatchStatistics]] = []
         self._first_batch_checked = False
         self._loss_seen_in_training = False
+        self._loss_seen_without_grad = False
         self._last_refresh_step = 0
         # The epoch whose statistics wait for its end-of-epoch refresh (None: nothing waits).
         self._statistics_epoch: Optional[int] = None
@@ -213,9 +224,13 @@ class AdaLabel(pl.Callback):
         """The configured loss for a batch; during training, the batch is also queued for the statistics."""
         check_choice("reduction", reduction, REDUCTIONS)  # ignore_index was checked once, in __init__
         label_matrix = self._label_matrix_for(logits, target)
-        training = pl_module.training and torch.is_grad_enabled()
+        # A training loss is one computed in the Trainer's training step, with gradients on (a loss under no_grad is
+        # not trained on): the Trainer's state, not `pl_module.training`, which a module in eval mode (linear
+        # probing, frozen BatchNorm) turns off while it trains. Each call counts (two heads: two samples a position).
+        training = self._in_training_step and torch.is_grad_enabled()
+        self._loss_seen_without_grad |= self._in_training_step and not training
         if training and not self._first_batch_checked:
-            check_values(logits, target, self.ignore_index)  # reads values: once per fit, on the first training batch
+            self._check_first_batch(logits, target)  # reads values: once per fit, on the first training batch
             self._first_batch_checked = True
         if training and self.preset.loss != "ce":
             # The statistics come from the loss's own softmax. Only queued: on_train_batch_end adds them. That keeps
@@ -234,15 +249,36 @@ class AdaLabel(pl.Callback):
         return _reduced_loss(logits, target, batch, label_matrix.matrix, self.preset.loss, self.preset.alpha,
                              self.ignore_index, reduction)
 
+    def _check_first_batch(self, logits: Tensor, target: Tensor) -> None:
+        """Invalid targets are refused at once (later ones at the next refresh); NaN or +inf logits are told at once
+        and then left out of the statistics as on any later batch (-inf entries are masks, as in torch)."""
+        check_values(logits, target, self.ignore_index)
+        unusable = int(count_unusable_logits(_format(logits.detach(), target.detach(), self.ignore_index)))
+        if unusable:
+            rank_zero_warn(
+                f"{unusable} of {logits.numel() // logits.shape[1]} positions of the first training batch have NaN or"
+                " +Inf logits (or -inf at their target class). F.cross_entropy gives them a NaN or infinite loss, and"
+                " AdaLabel leaves them out of the label statistics. Check the inputs' normalisation and the model's"
+                " initialisation."
+            )
+
     def _label_matrix_for(self, logits: Tensor, target: Tensor) -> Union[LabelMatrix, SparseLabelMatrix]:
         known = self._label_matrix.num_classes if self._label_matrix is not None else self.num_classes
+        if known is None and logits.ndim >= 2 and logits.shape[1] < 2:
+            raise ValueError(
+                f"The logits have shape {tuple(logits.shape)}: {logits.shape[1]} class on dim 1. A label matrix needs"
+                " K >= 2 classes, one logit each, as F.cross_entropy takes them. For a binary task return two logits"
+                " (e.g. `torch.cat([-z, z], dim=1) / 2`, or an output layer of size 2)."
+            )
         _tensor_validation(logits, target, known)
-        if self._label_matrix is None:
-            num_classes = logits.shape[1]
-            check_class_names(self.class_names, num_classes)
-            self._label_matrix = self._new_engine(num_classes, logits.device)
-        if self._label_matrix.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
-            self._label_matrix.to(logits.device)
+        # Created or moved in validate/test/predict, these must not be inference tensors: training adds to them.
+        with torch.inference_mode(False):
+            if self._label_matrix is None:
+                num_classes = logits.shape[1]
+                check_class_names(self.class_names, num_classes)
+                self._label_matrix = self._new_engine(num_classes, logits.device)
+            if self._label_matrix.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
+                self._label_matrix.to(logits.device)
         return self._label_matrix
 
     def _new_engine(self, num_classes: int, device: Union[str, torch.device]) -> Union[LabelMatrix, SparseLabelMatrix]:
@@ -254,6 +290,16 @@ class AdaLabel(pl.Callback):
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # Lightning refuses two callbacks with one state key when a Trainer is built, with a message about state
+        # keys. Two AdaLabel callbacks (or one listed twice) are refused in `setup` instead, with one that says why:
+        # for that check alone each answer is a new key. Checkpoints use the class name, as Lightning's default does.
+        if sys._getframe(1).f_code.co_name == "_validate_callbacks_list":
+            return f"{type(self).__qualname__}#{next(_validation_keys)}"
+        return type(self).__qualname__
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if not isinstance(pl_module, AdaLabelMixin):
@@ -261,6 +307,12 @@ class AdaLabel(pl.Callback):
                 f"AdaLabel needs a LightningModule that inherits AdaLabelMixin; {type(pl_module).__name__} does not."
                 f" Declare `class {type(pl_module).__name__}(AdaLabelMixin, LightningModule)` and compute the training"
                 " loss with `self.adalabel_loss(logits, y)`."
+            )
+        instances = [callback for callback in trainer.callbacks if isinstance(callback, AdaLabel)]
+        if len(instances) > 1:
+            raise RuntimeError(
+                f"The Trainer has {len(instances)} AdaLabel callbacks, but a module trains with one label matrix: keep"
+                " one. To compare presets, train one model per preset, each with its own Trainer and AdaLabel."
             )
         pl_module._adalabel_callback = self
         # A process forked for this fit (ddp_notebook) continues from the state the previous spawned fit left.
@@ -313,40 +365,65 @@ class AdaLabel(pl.Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         # Resumed from a checkpoint written on an epoch's last batch, Lightning skips that epoch's end and with it
-        # the refresh: do it before the next epoch's first loss, as an uninterrupted run would have.
-        if self._statistics_epoch is not None and self._statistics_epoch != trainer.current_epoch:
+        # the refresh: do it before the next epoch's first loss, as an uninterrupted run would have. The test is the
+        # batch index, not the epoch number: a job resumed in mid-epoch may carry on under the next epoch's number.
+        if self._statistics_epoch is not None and batch_idx == 0:
             self._refresh(trainer, pl_module, on_step=False)
-        # Only this step's losses are added at its end: a loss computed while this callback was switched off (the
-        # tuner's trial steps) or in a step that never ended is not.
+        # Only the losses of a training step are added, at its end: not those of a step that never ended, nor those
+        # computed while this callback's hooks were off (the tuner's trial steps).
         self._pending = []
+        self._in_training_step = True
 
     @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._in_training_step = False
         pending, self._pending = self._pending, []
         if pending:
             self._loss_seen_in_training = True
-        elif not self._loss_seen_in_training:
-            raise RuntimeError(
-                f"{type(pl_module).__name__}.training_step did not call `self.adalabel_loss(logits, y)`, so AdaLabel"
-                " has nothing to learn from. Replace the training loss (e.g. `F.cross_entropy(logits, y)`) with it."
-            )
+        elif outputs and not self._loss_seen_in_training:
+            # The step returned a loss that was not ours. A step that returned None (a skipped batch, or manual
+            # optimization) proves nothing yet: _refresh checks that some step of the fit called adalabel_loss.
+            raise RuntimeError(self._no_adalabel_loss_message(pl_module))
         for statistics in pending:  # one entry per adalabel_loss call of this step, usually one
             self._label_matrix.add(statistics)  # type: ignore[union-attr]
         if self.refresh_every_n_steps is None:
             self._statistics_epoch = trainer.current_epoch
         else:
-            step = trainer.global_step
-            # global_step only moves when the optimizer steps, so a refresh never falls between the micro-batches
-            # of one accumulated step.
-            if step != self._last_refresh_step and step % self.refresh_every_n_steps == 0:
+            # global_step counts optimizer steps, as max_steps does: it never moves between the micro-batches of an
+            # accumulated step, and moves by two a batch with two optimizers, so the test is whether it passed a
+            # multiple of N, not whether it equals one.
+            every = self.refresh_every_n_steps
+            if trainer.global_step // every > self._last_refresh_step // every:
                 self._refresh(trainer, pl_module, on_step=True)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.refresh_every_n_steps is None:
+        # Lightning calls this hook also when max_steps, max_time or `should_stop` end a fit in mid-epoch. An epoch
+        # cut short is not over: its statistics wait (and are checkpointed) for its real end, so that a job resumed
+        # from here refreshes where the uninterrupted run does.
+        if self.refresh_every_n_steps is None and _ran_to_the_end_of_its_data(trainer):
             self._refresh(trainer, pl_module, on_step=False)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        # The interrupted step never ended: its losses are not statistics, and a checkpoint written now (by a
+        # handler of this exception) holds the state after the last step that did.
+        self._in_training_step = False
+        self._pending = []
+
+    def _no_adalabel_loss_message(self, pl_module: "pl.LightningModule") -> str:
+        if self._loss_seen_without_grad:
+            return (
+                f"{type(pl_module).__name__}.training_step called `self.adalabel_loss` only under torch.no_grad()"
+                " (or inference mode), so no training loss came from it and AdaLabel has nothing to learn from."
+                " Compute the loss you train with as `self.adalabel_loss(logits, y)` with gradients on."
+            )
+        return (
+            f"{type(pl_module).__name__}.training_step did not call `self.adalabel_loss(logits, y)`, so AdaLabel"
+            " has nothing to learn from. Replace the training loss (e.g. `F.cross_entropy(logits, y)`) with it."
+        )
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -359,7 +436,9 @@ class AdaLabel(pl.Callback):
         self._statistics_epoch = None
         label_matrix = self._label_matrix
         if label_matrix is None:
-            return
+            # Training steps ran (a refresh is only due after one) and none called adalabel_loss, e.g. every step
+            # returned None or optimised manually with another loss.
+            raise RuntimeError(self._no_adalabel_loss_message(pl_module))
         if isinstance(label_matrix, SparseLabelMatrix):
             # An all-gather of fixed-size buffers, merged identically on every rank (see sparse_label_matrix.py).
             stats = label_matrix.refresh(gather=trainer.strategy.all_gather)
@@ -388,7 +467,8 @@ class AdaLabel(pl.Callback):
         if summary[2] > 0:
             rank_zero_warn(
                 f"AdaLabel left {int(summary[2])} training samples out of the label statistics because their logits"
-                " were NaN or Inf. Training is diverging: lower the learning rate, clip gradients or check the inputs."
+                " held NaN or +Inf (or -inf at the target class). Training is diverging: lower the learning rate,"
+                " clip gradients or check the inputs. (-inf at other classes is a mask and is fine.)"
             )
 
     # ---- checkpointing -----------------------------------------------------------------------------------------
@@ -420,10 +500,16 @@ class AdaLabel(pl.Callback):
         # A state from before a setting existed was written with its default.
         saved_config = {**_CONFIG_DEFAULTS, **state_dict["config"]} if isinstance(state_dict["config"], dict) else None
         if state_dict["preset"] != self.preset_name or saved_config != self.preset.__dict__:
+            saved_settings = {"preset": state_dict["preset"], **(saved_config or {})}
+            settings = {"preset": self.preset_name, **self.preset.__dict__}
+            differences = ", ".join(
+                f"{key}={saved_settings.get(key)!r} (the callback has {value!r})"
+                for key, value in settings.items() if saved_settings.get(key) != value
+            )
             raise ValueError(
-                f"This checkpoint's AdaLabel state was written by preset {state_dict['preset']!r} with"
-                f" {state_dict['config']}, but the callback is preset {self.preset_name!r} with {self.preset.__dict__}."
-                " Resume with the same AdaLabel settings, or start a new run."
+                f"This checkpoint's AdaLabel state was written by preset {state_dict['preset']!r} with other settings:"
+                f" {differences}. Resume with the AdaLabel settings the checkpoint was written with, or start a new"
+                " run without `ckpt_path`."
             )
         if state_dict.get("top_k") != self.top_k:  # a state from before top_k existed was dense (None)
             raise ValueError(
@@ -441,8 +527,9 @@ class AdaLabel(pl.Callback):
             check_int("the checkpoint's num_classes", num_classes, minimum=2)
             check_class_names(self.class_names, num_classes)
             device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
-            restored = self._new_engine(num_classes, device)
-            restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
+            with torch.inference_mode(False):  # restored by validate/test too: training adds to these tensors
+                restored = self._new_engine(num_classes, device)
+                restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
         self._label_matrix = None if saved is None else restored
         self._last_refresh_step = state_dict["last_refresh_step"]
         self._statistics_epoch = state_dict["statistics_epoch"]
@@ -467,7 +554,24 @@ class AdaLabel(pl.Callback):
         self._collect_spawned_state()
         state = self.__dict__.copy()
         state["_pending"] = []  # batches of an unfinished step are not state
+        state["_in_training_step"] = False
         return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_in_training_step", False)  # pickled before these existed
+        self.__dict__.setdefault("_loss_seen_without_grad", False)
+        # Unpickled in the process that owns the original, this is a copy (copy.deepcopy, a sweep's clones), not the
+        # callback of a ddp_spawn child: it hands its state over through a file of its own.
+        if os.getpid() == state.get("_owner_pid"):
+            self._own_hand_over_file()
+
+
+def _ran_to_the_end_of_its_data(trainer: "pl.Trainer") -> bool:
+    """Whether the training epoch that is ending saw its last batch (limit_train_batches included), rather than
+    being cut short by max_steps, max_time or `trainer.should_stop`."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return bool(progress.is_last_batch) or progress.current.ready >= trainer.num_training_batches
 
 
 def _remove_owned_file(path: str, owner_pid: int) -> None:

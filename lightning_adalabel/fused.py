@@ -80,13 +80,16 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
         else:
             probs, lse, top = _softmax_and_logsumexp(logits)
             hard_weight = 1.0 - alpha
-            per_row = (lse - true_logit).mul_(hard_weight)
+            gap = lse - true_logit
+            per_row = gap * hard_weight
         soft_part = lse - soft_dot if rows_sum_to_one else torch.addcmul(-soft_dot, lse, soft_sum)  # type: ignore[arg-type]
         per_row = per_row.add_(soft_part, alpha=alpha)
 
-        # The row's loss is finite exactly when its logits are (soft_dot, lse and the true logit all read them); it
-        # is never -inf (a -inf logit makes soft_dot -inf or NaN, and lse - soft_dot +inf or NaN): one comparison.
-        finite = per_row < float("inf")
+        # A row's logits are usable for the statistics when they hold no NaN or +inf, the target's logit is finite
+        # and at least one other allowed class is; -inf entries are masks (classes a sample may not take), as in
+        # F.cross_entropy. lse - z_y is finite exactly then: one op on an (M, 1) column. (With a mask where Q[y] has
+        # mass, the soft part of the loss is +inf, as torch's label smoothing is; the statistic p_res is fine.)
+        finite = torch.isfinite(gap)
         counted = _counted(samples, valid & finite, true_logit >= top)  # a tie with a wrong class: predicted right
         destination, counts = _tallies(counted, valid, finite, invalid, index, logits.shape[1])
         loss, weight = _reduce_rows(per_row, valid, invalid, counts[:, 1:2].to(per_row.dtype), reduction)

@@ -11,6 +11,10 @@ label matrix and never enters the statistics; its loss is NaN (a loud value with
 stay intact) and the callback raises a clear error at the next refresh, or at once on the first training batch,
 which :func:`check_values` reads.
 
+A ``-inf`` logit is a mask (a class the position may not take), as ``F.cross_entropy`` takes it: the statistics use
+the softmax over the other classes. Logits holding NaN or ``+inf`` are not usable: their positions are left out of
+the statistics and counted, and the callback warns (on the first training batch, and at each refresh).
+
 The steps follow torchmetrics' naming: :func:`_tensor_validation` (shapes and dtypes, free), :func:`_format`
 (flatten to ``(M, K)`` and mark each position), :func:`check_values` (reads values, once), :func:`_reduce`.
 """
@@ -135,7 +139,7 @@ def _format(logits: Tensor, target: Tensor, ignore_index: int = -100) -> Classif
 
 
 def check_values(logits: Tensor, target: Tensor, ignore_index: int = -100) -> None:
-    """Read the values of one batch and raise a clear error for invalid targets or non-finite logits.
+    """Read the targets of one batch and raise a clear error for invalid ones.
 
     One host sync: the callback runs it on the first training batch of a fit; later batches are counted on the
     device and reported at the next refresh.
@@ -152,11 +156,24 @@ def check_values(logits: Tensor, target: Tensor, ignore_index: int = -100) -> No
     if num_invalid:
         raise ValueError(invalid_targets_message(num_invalid, len(batch.invalid), batch.probabilistic,
                                                  logits.shape[1], ignore_index, target.detach(), batch.invalid))
-    if not bool(torch.isfinite(batch.logits.sum(dim=1)).all()):
-        raise ValueError(
-            "The logits of the first training batch contain NaN or Inf. The model diverges or its inputs are not"
-            " normalised; fix the model before training with ALR."
-        )
+
+
+def count_unusable_logits(batch: ClassificationBatch) -> Tensor:
+    """The number of valid positions whose logits the statistics cannot use, as a tensor (no host sync): a NaN or
+    +inf anywhere, or -inf at the target class (the dominant class of a probability row). A ``-inf`` entry at another
+    class is a mask, a class the position may not take, as ``F.cross_entropy`` takes it: not counted.
+
+    Example:
+        >>> inf = float("inf")
+        >>> logits = torch.tensor([[0.0, -inf], [-inf, 0.0], [inf, 1.0], [0.0, 1.0]])
+        >>> batch = _format(logits, torch.tensor([0, 0, 1, 1]))
+        >>> count_unusable_logits(batch)  # the second row masks its own target; the third holds +inf
+        tensor(2)
+    """
+    logits = batch.logits.detach()
+    target = batch.target.argmax(dim=1) if batch.probabilistic else batch.target
+    usable = (logits.sum(dim=1) < float("inf")) & (logits.gather(1, target[:, None]).squeeze(1) > float("-inf"))
+    return (batch.valid & ~usable).sum()
 
 
 def invalid_targets_message(

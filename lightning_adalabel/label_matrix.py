@@ -50,8 +50,11 @@ _SUMS, _COUNT, _SEEN, _NONFINITE, _INVALID = slice(None, -_STAT_COLUMNS), -4, -3
 
 
 def _empty_buffer(num_classes: int, device: Optional[Union[str, torch.device]] = None) -> Tensor:
-    """The flat statistics buffer: tallies (K x 4), sums (K x K), spare row (K); see the module docstring."""
-    return torch.zeros(num_classes * (_STAT_COLUMNS + num_classes + 1), device=device)
+    """The flat statistics buffer: tallies (K x 4), sums (K x K), spare row (K); see the module docstring.
+
+    float32 whatever the default dtype: Lightning's ``precision="64-true"`` makes float64 the default inside a
+    training step, where the callback builds its engine."""
+    return torch.zeros(num_classes * (_STAT_COLUMNS + num_classes + 1), device=device, dtype=torch.float32)
 
 
 def _buffer_views(buffer: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
@@ -79,8 +82,8 @@ def initial_label_matrix(
                 [0.5000, 0.5000]])
     """
     if include_diagonal:
-        return torch.full((num_classes, num_classes), 1.0 / num_classes, device=device)
-    matrix = torch.full((num_classes, num_classes), 1.0 / (num_classes - 1), device=device)
+        return torch.full((num_classes, num_classes), 1.0 / num_classes, device=device, dtype=torch.float32)
+    matrix = torch.full((num_classes, num_classes), 1.0 / (num_classes - 1), device=device, dtype=torch.float32)
     return matrix.fill_diagonal_(0.0)
 
 
@@ -151,11 +154,18 @@ def _batch_statistics(
     logits = batch.logits.detach().float()
     # Probability targets enter the statistics under their dominant class.
     target = batch.target.argmax(dim=1) if batch.probabilistic else batch.target
-    # A row sum is finite iff every entry is (for logits below ~1e35): one reduction, not an M x K boolean mask.
-    finite = torch.isfinite(logits.sum(dim=1))
+    # Usable logits hold no NaN or +inf, and a finite target logit; -inf entries at other classes are masks (classes a
+    # sample may not take), as in F.cross_entropy. The row sum tells NaN and +inf in one reduction (for logits below
+    # ~1e35): -inf with masks, NaN or +inf otherwise. The same rule as the one-softmax path's (fused.py).
+    finite = (logits.sum(dim=1) < float("inf")) & (logits.gather(1, target[:, None]).squeeze(1) > float("-inf"))
     # samples="none": Q never changes, but bad targets are still counted for the refresh's error.
-    rows = logits[:, :0] if samples == "none" else residual_prediction_stats(logits, target, include_diagonal,
-                                                                              estimator)
+    if samples == "none":
+        rows = logits[:, :0]
+    else:
+        rows = residual_prediction_stats(logits, target, include_diagonal, estimator)
+        # A row whose statistic is not finite stays out: no allowed wrong class (NaN), or for "geometric" a masked
+        # class (log 0 = -inf, which would pin that class's entry of Q to 0 for good).
+        finite &= rows.sum(dim=1) > float("-inf")
     correct = _predicted_right(logits, target) if samples in ("misclassified", "correct") else finite
     counted = _counted(samples, finite & batch.valid, correct)  # the same rule as the one-softmax path's
     columns = (value[:, None] for value in (counted, batch.valid, finite, batch.invalid, target))
@@ -369,7 +379,7 @@ class LabelMatrix:
         if initial_matrix is not None and start == "zeros":
             raise ValueError("`start='zeros'` and `initial_matrix` exclude each other: give one or the other.")
         if start == "zeros":
-            self.matrix = torch.zeros(num_classes, num_classes, device=device)
+            self.matrix = torch.zeros(num_classes, num_classes, device=device, dtype=torch.float32)
         elif initial_matrix is None:
             self.matrix = initial_label_matrix(num_classes, include_diagonal, device)
         else:  # e.g. a matrix learned by an earlier run (load_label_matrix), used as a fixed or warm-start Q

@@ -5,7 +5,8 @@ Two formats, chosen by the file extension: ``.pt`` (``torch.save`` of a float32 
 """
 
 import os
-from typing import Union
+import pickle
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -40,6 +41,12 @@ def save_label_matrix(matrix: Union[Tensor, LabelMatrix], path: PathLike) -> Non
     """
     if isinstance(matrix, LabelMatrix):
         matrix = matrix.matrix
+    elif not isinstance(matrix, Tensor) and callable(getattr(matrix, "to_dense", None)):
+        raise ValueError(
+            f"save_label_matrix writes a dense K x K matrix; got a {type(matrix).__name__} (AdaLabel(top_k=...))."
+            " For a small K save `label_matrix.to_dense()`; at any K keep the sparse rows with"
+            " `torch.save(label_matrix.state_dict(), path)`."
+        )
     validate_label_matrix(matrix, include_diagonal=True)  # shape and values; the diagonal is checked on use
     values = matrix.detach().to("cpu", torch.float32)
     if _extension(path) == ".pt":
@@ -63,19 +70,52 @@ def load_label_matrix(path: PathLike) -> Tensor:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No label matrix at {os.fspath(path)!r}; write one with save_label_matrix(Q, path).")
-    if _extension(path) == ".pt":
-        matrix = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(matrix, Tensor):
-            raise ValueError(f"{os.fspath(path)!r} holds a {type(matrix).__name__}, not a label-matrix tensor.")
-    else:
-        with open(path) as handle:
-            rows = [line.strip() for line in handle if line.strip()]
-        try:
-            matrix = torch.tensor([[float(value) for value in row.split(",")] for row in rows])
-        except ValueError as error:  # ragged rows or a non-number
-            raise ValueError(
-                f"{os.fspath(path)!r} is not a label-matrix CSV (K lines of K comma-separated numbers): {error}"
-            ) from error
+    name = os.fspath(path)
+    matrix = _read_pt(name) if _extension(path) == ".pt" else _read_csv(name)
     matrix = matrix.to(torch.float32)
-    validate_label_matrix(matrix, include_diagonal=True)
+    try:
+        validate_label_matrix(matrix, include_diagonal=True)
+    except ValueError as error:
+        raise ValueError(f"{name!r}: {error}") from error
     return matrix
+
+
+def _read_pt(name: str) -> Tensor:
+    try:
+        matrix: Any = torch.load(name, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
+        # A truncated or overwritten file fails deep in torch's zip reader or the unpickler.
+        reason = str(error).strip().split(". ")[0] or type(error).__name__
+        raise ValueError(
+            f"{name!r} cannot be read as a label-matrix .pt file (truncated or corrupt: {reason}). Write it again with"
+            " save_label_matrix(Q, path), or load the .csv copy if there is one."
+        ) from error
+    if not isinstance(matrix, Tensor):
+        raise ValueError(f"{name!r} holds a {type(matrix).__name__}, not a label-matrix tensor.")
+    return matrix
+
+
+def _read_csv(name: str) -> Tensor:
+    try:
+        with open(name, encoding="utf-8-sig") as handle:  # -sig: a spreadsheet's byte-order mark is not a number
+            rows = [(number, line.strip()) for number, line in enumerate(handle, start=1) if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{name!r} is not a text CSV (byte {error.start} is not UTF-8): a label-matrix CSV is K lines of K"
+            " comma-separated numbers, as save_label_matrix(Q, 'q.csv') writes."
+        ) from error
+    values = []
+    for number, row in rows:
+        try:
+            values.append([float(value) for value in row.split(",")])
+        except ValueError as error:
+            raise ValueError(
+                f"{name!r} line {number} is not comma-separated numbers ({error}): a label-matrix CSV is K lines of"
+                " K numbers, as save_label_matrix(Q, 'q.csv') writes."
+            ) from error
+        if len(values[-1]) != len(values[0]):
+            raise ValueError(
+                f"{name!r} line {number} has {len(values[-1])} numbers but line {rows[0][0]} has {len(values[0])}: a"
+                " label-matrix CSV is K lines of K numbers (is the file truncated?)."
+            )
+    return torch.tensor(values)

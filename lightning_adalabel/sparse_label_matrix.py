@@ -92,9 +92,12 @@ def _sparse_statistics(
             probs, largest, logit_sums = None, masked.amax(dim=1), logits.sum(dim=1)
         else:
             probs, largest, logit_sums = from_loss
-        finite = torch.isfinite(logit_sums)
+        # Usable, as in the dense engine: no NaN or +inf (the row sum is -inf with -inf masks, NaN or +inf
+        # otherwise), a finite target logit, and an allowed class for P (its largest logit finite).
+        true_logit = logits.gather(1, index).squeeze(1)
+        finite = (logit_sums < float("inf")) & torch.isfinite(largest) & (true_logit > float("-inf"))
         # The true logit against the largest other one (or all, with the diagonal): a tie counts as right.
-        correct = logits.gather(1, index).squeeze(1) >= largest
+        correct = true_logit >= largest
         counted = _counted(samples, finite & batch.valid, correct)
         columns = (value[:, None] for value in (counted, batch.valid, finite, batch.invalid, target))
         destination, counts = _tallies(*columns, num_classes)  # type: ignore[call-arg]  # the dense engine's tallies
@@ -298,8 +301,9 @@ class SparseLabelMatrix:
         self.compile_loss = compile_loss
         diagonal = torch.arange(num_classes, device=device)
         self.indices = diagonal[:, None].repeat(1, self.top_k)
-        self.values = torch.zeros(num_classes, self.top_k, device=device)
-        self.residual_mass = torch.full((num_classes,), 0.0 if start == "zeros" else 1.0, device=device)
+        self.values = torch.zeros(num_classes, self.top_k, device=device, dtype=torch.float32)
+        self.residual_mass = torch.full((num_classes,), 0.0 if start == "zeros" else 1.0, device=device,
+                                        dtype=torch.float32)
         self.num_refreshes = 0
         self.reset_statistics()
 
@@ -315,9 +319,9 @@ class SparseLabelMatrix:
         # Row K is the spare row of samples that are not counted; an unused slot holds the row's class, value 0.
         spare = torch.arange(num_classes + 1, device=device).clamp_max(num_classes - 1)
         self.candidate_indices = spare[:, None].repeat(1, self.candidates)
-        self.candidate_values = torch.zeros(num_classes + 1, self.candidates, device=device)
-        self.uniform_sums = torch.zeros(num_classes + 1, device=device)
-        self.tallies = torch.zeros(num_classes, 4, device=device)
+        self.candidate_values = torch.zeros(num_classes + 1, self.candidates, device=device, dtype=torch.float32)
+        self.uniform_sums = torch.zeros(num_classes + 1, device=device, dtype=torch.float32)
+        self.tallies = torch.zeros(num_classes, 4, device=device, dtype=torch.float32)
 
     @property
     def counts(self) -> Tensor:

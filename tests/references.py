@@ -46,8 +46,13 @@ def naive_refresh(matrix, batches, samples, estimator, momentum, include_diagona
     for logits, target in batches:
         for z, y in zip(logits.tolist(), target.tolist()):
             seen[y] += 1
-            if not all(math.isfinite(value) for value in z):
-                continue  # rows with NaN/Inf logits never enter the statistics
+            if any(math.isnan(value) or value == math.inf for value in z) or z[y] == -math.inf:
+                continue  # rows with NaN or +inf logits, or a masked target, never enter the statistics
+            others = [value for j, value in enumerate(z) if j != y]
+            if not include_diagonal and max(others) == -math.inf:
+                continue  # no allowed wrong class: no residual prediction
+            if estimator == "geometric" and -math.inf in others:
+                continue  # a masked class: log 0
             right = z[y] >= max(z)  # predicted right: the true class has the largest logit, a tie included
             if samples == "misclassified" and right or samples == "correct" and not right:
                 continue

@@ -144,12 +144,26 @@ def test_reductions_ignored_and_invalid_targets_follow_torch(reduction, mode):
     assert not torch.autograd.grad(loss, logits)[0].any()
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_logits_are_flagged_row_by_row(bad):
+@pytest.mark.parametrize("bad, at_target", [(float("nan"), False), (float("inf"), False), (float("-inf"), True),
+                                           (float("nan"), True), (float("inf"), True)])
+def test_unusable_logits_are_flagged_row_by_row(bad, at_target):
     logits, target = batch(5)
-    logits[2, (target[2] + 1) % 5] = bad
+    logits[2, target[2] if at_target else (target[2] + 1) % 5] = bad
     *_, finite = fused(logits, target, label_matrix_for("decoupled", 5), "decoupled", 1.0)
     assert finite.tolist() == [index != 2 for index in range(len(target))]
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "mixed"])
+def test_minus_inf_at_other_classes_is_a_mask_not_a_bad_row(mode):
+    logits, target = batch(5)
+    logits[2, (target[2] + 1) % 5] = float("-inf")
+    logits[3, [(target[3] + 1) % 5, (target[3] + 2) % 5]] = float("-inf")
+    *_, finite = fused(logits, target, label_matrix_for(mode, 5), mode, 0.5)
+    assert finite.all()
+    logits[4] = float("-inf")  # every class masked: nothing left to predict
+    logits[4, target[4]] = 0.0
+    *_, finite = fused(logits, target, label_matrix_for(mode, 5), mode, 0.5)
+    assert finite.tolist() == [index != 4 or mode == "mixed" for index in range(len(target))]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

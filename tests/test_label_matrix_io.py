@@ -37,7 +37,7 @@ def test_save_and_load_reject_bad_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_label_matrix"):
         load_label_matrix(tmp_path / "missing.pt")
     (tmp_path / "ragged.csv").write_text("0,1\n1\n")
-    with pytest.raises(ValueError, match="not a label-matrix CSV"):
+    with pytest.raises(ValueError, match="ragged.csv' line 2 has 1 numbers but line 1 has 2: a label-matrix CSV is K"):
         load_label_matrix(tmp_path / "ragged.csv")
     torch.save({"matrix": learned_matrix()}, tmp_path / "dict.pt")
     with pytest.raises(ValueError, match="holds a dict"):
@@ -116,3 +116,31 @@ def test_fixed_preset_errors_name_the_fix():
     with pytest.raises(ValueError, match="is 5 x 5 but the model has 4 classes"):
         AdaLabel(preset="fixed", num_classes=4, initial_matrix=learned_matrix())
 
+
+
+def test_damaged_files_and_a_sparse_engine_are_told_with_the_fix(tmp_path):
+    from lightning_adalabel import SparseLabelMatrix
+
+    save_label_matrix(learned_matrix(), tmp_path / "q.pt")
+    whole = (tmp_path / "q.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"cut.pt' cannot be read as a label-matrix .pt file \(truncated or corrupt: "
+                                         r"PytorchStreamReader failed reading zip archive[^.]*\)\. Write it again"):
+        load_label_matrix(tmp_path / "cut.pt")
+    save_label_matrix(learned_matrix(), tmp_path / "q.csv")
+    text = (tmp_path / "q.csv").read_text()
+    (tmp_path / "cut.csv").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"cut.csv' line 3 has \d numbers but line 1 has 5: .*\(is the file truncated"):
+        load_label_matrix(tmp_path / "cut.csv")
+    (tmp_path / "binary.csv").write_bytes(b"\x80\x81,\x00\n")
+    with pytest.raises(ValueError, match=r"binary.csv' is not a text CSV \(byte 0 is not UTF-8\)"):
+        load_label_matrix(tmp_path / "binary.csv")
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())  # a byte-order mark, as Excel writes
+    assert torch.equal(load_label_matrix(tmp_path / "excel.csv"), learned_matrix())
+    (tmp_path / "rows.csv").write_text("0,1\n1,0\n0.5,0.5\n")
+    with pytest.raises(ValueError, match=r"rows.csv': A label matrix must be a square K x K tensor, got \(3, 2\)"):
+        load_label_matrix(tmp_path / "rows.csv")
+    with pytest.raises(ValueError, match=r"got a SparseLabelMatrix .* save `label_matrix.to_dense\(\)`"):
+        save_label_matrix(SparseLabelMatrix(NUM_CLASSES, 2), tmp_path / "sparse.pt")
+    with pytest.raises(ValueError, match=r"cut.pt' cannot be read"):
+        AdaLabel(initial_matrix=str(tmp_path / "cut.pt"))

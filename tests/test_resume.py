@@ -178,7 +178,7 @@ def test_resume_with_a_model_of_different_num_classes_is_a_clear_error(alr_check
 
 @pytest.mark.parametrize("settings", [dict(preset="ols"), dict(preset="alr", alpha=0.3)])
 def test_resume_with_a_different_preset_is_a_clear_error(settings, alr_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="written by preset 'alr'.*Resume with the same AdaLabel settings"):
+    with pytest.raises(ValueError, match="written by preset 'alr'.*Resume with the AdaLabel settings the checkpoint"):
         fit(tmp_path, ckpt_path=alr_checkpoint, **settings)
 
 

@@ -247,7 +247,8 @@ def test_the_static_check_finds_syncs():
     """The check is not vacuous: the first-batch value checks do sync, and it sees them."""
     found, _ = host_syncs(inputs.check_values)
     assert any(call.startswith("int(") for call in found)
-    assert any(call.startswith("bool(") for call in found)
+    found, _ = host_syncs(AdaLabel._check_first_batch)
+    assert any(call.startswith("int(count_unusable_logits") for call in found)
 
     def syncs(x: torch.Tensor) -> Any:
         return x.item(), x.cpu(), x.to("cpu"), x.tolist(), float(x)
