@@ -20,7 +20,9 @@ commands:
   fit       train with LightningCLI:  adalabel fit --config <recipe name or YAML> [--adalabel.preset ols ...]
   validate  evaluate on the validation set: adalabel validate --config <recipe> --ckpt_path <checkpoint>
   test      evaluate on the test set:       adalabel test --config <recipe> --ckpt_path <checkpoint>
-  predict   class probabilities:            adalabel predict --config <recipe> --ckpt_path <checkpoint>
+  predict   write predictions.csv:          adalabel predict --config <recipe> --ckpt_path <checkpoint>
+
+Resume a preempted or requeued job with the same command plus --trainer.default_root_dir DIR --ckpt_path last.
 
 `adalabel <fit|validate|test|predict> --help` lists every option (--trainer.*, --model.*, --data.*, --adalabel.*).
 Errors are told in one line; add --traceback (or set ADALABEL_TRACEBACK=1) to see where they came from.

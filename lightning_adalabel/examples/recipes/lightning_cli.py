@@ -3,16 +3,31 @@
 import difflib
 import importlib
 import inspect
+import os
 import re
 import sys
 import warnings
-from typing import Any, Iterable, List, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
 
+import lightning.pytorch as pl
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_adalabel import AdaLabel
 from lightning_adalabel.examples.recipes import resolve_config_args
+from lightning_adalabel.examples.recipes.predictions import PredictionWriter
+from lightning_adalabel.examples.recipes.resume import (
+    SavedSettings,
+    check_same_model_class,
+    find_newest_checkpoint,
+    model_input_settings,
+    options_on_command_line,
+    read_saved_settings,
+    refuse_changed_settings,
+    show,
+)
 
 
 class CommandLineError(ValueError):
@@ -28,11 +43,98 @@ class AdaLabelCLI(LightningCLI):
 
     A command-line mistake raises :class:`CommandLineError` with one line (``unknown option --adalabel.alhpa; did
     you mean --adalabel.alpha?``) instead of printing jsonargparse's usage screen and exiting.
+
+    ``--ckpt_path`` (see :mod:`~lightning_adalabel.examples.recipes.resume`): ``last`` is the newest ``last.ckpt`` or
+    ``hpc_ckpt_*.ckpt`` under ``--trainer.default_root_dir`` (``fit`` starts from scratch when there is none yet, and
+    continues in the checkpoint's log folder); the model's hyperparameters come from the checkpoint, and a
+    ``--model.*`` value or a data setting the model depends on that differs from the checkpoint's is refused.
+    ``predict`` writes its probabilities with :class:`PredictionWriter` (``--predictions.*``).
     """
 
+    _command_line: List[str] = []
+    _resumed_checkpoint_dir: Optional[str] = None  # the checkpoint folder of the run that `--ckpt_path last` continues
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # A callback added here is instantiated from its own group and appended to the Trainer's callbacks.
-        parser.add_lightning_class_args(AdaLabel, "adalabel")
+        # A callback in callback_keys is instantiated from its own group and appended to the Trainer's callbacks.
+        # Lightning's add_lightning_class_args would add it with sub_configs=True, with which jsonargparse reads an
+        # existing file given to an argument such as --adalabel.initial_matrix q.csv and passes its content instead
+        # of its path; a whole group from a file (--adalabel adalabel.yaml) works either way.
+        parser.callback_keys.append("adalabel")
+        parser.add_class_arguments(AdaLabel, "adalabel", fail_untyped=False, instantiate=True, sub_configs=False)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":  # `adalabel predict` writes what it computes (--predictions.output, .top_k)
+            parser.add_lightning_class_args(PredictionWriter, "predictions")
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would load the whole checkpoint here and let its hyperparameters override the command line
+        # without a word; before_instantiate_classes does it with the checks of recipes.resume instead.
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        if subcommand is not None:
+            self._start_from_checkpoint(subcommand)
+
+    def _start_from_checkpoint(self, subcommand: str) -> None:
+        config = self.config[subcommand]
+        resumes_last = config.get("ckpt_path") == "last"
+        if resumes_last:
+            config.ckpt_path = self._find_last_checkpoint(subcommand, config)
+        path = config.get("ckpt_path")
+        if not path or not os.path.isfile(path):  # none, or Lightning's "best"/"hpc", resolved by the Trainer
+            return
+        saved = read_saved_settings(path)
+        if resumes_last and subcommand == "fit":
+            self._resumed_checkpoint_dir = saved.checkpoint_dir
+        check_same_model_class(saved, config.get("model.class_path"), config.get("data.class_path"))
+        model_args = config.get("model.init_args") or Namespace()
+        data_args = config.get("data.init_args") or Namespace()
+        data_settings = [name for name in model_input_settings(config.get("data.class_path")) if name in data_args]
+        refuse_changed_settings(
+            saved,
+            given_model={name: model_args.get(name) for name in options_on_command_line(self._command_line, "model")},
+            given_data={name: data_args.get(name) for name in data_settings},
+            data_sources={name: "the command line" for name in options_on_command_line(self._command_line, "data")},
+        )
+        self._take_model_hyperparameters(subcommand, saved, model_args)
+
+    def _take_model_hyperparameters(self, subcommand: str, saved: SavedSettings, model_args: Namespace) -> None:
+        """The model is built from the checkpoint's hyperparameters, as LightningCLI does; the values of the YAML
+        that they replace are told, not dropped silently."""
+        if not saved.model:
+            return
+        model: Dict[str, Any] = dict(saved.model)
+        if saved.model_class:
+            model = {"class_path": saved.model_class, "dict_kwargs": model}
+        replaced = [
+            f"{name} {show(value)} (the configuration says {show(model_args.get(name))})"
+            for name, value in saved.model.items() if name in model_args and model_args.get(name) != value
+        ]
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        if replaced:
+            rank_zero_info(f"adalabel: the model's hyperparameters come from {saved.path}: {', '.join(replaced)}")
+
+    def _find_last_checkpoint(self, subcommand: str, config: Namespace) -> Optional[str]:
+        """``--ckpt_path last``: the newest checkpoint of the run in ``--trainer.default_root_dir`` (see
+        :func:`~lightning_adalabel.examples.recipes.resume.find_newest_checkpoint`)."""
+        root = config.get("trainer.default_root_dir") or os.getcwd()
+        callbacks = config.get("trainer.callbacks") or []
+        own_dirs = [getattr(cb.get("init_args"), "dirpath", None) for cb in callbacks if isinstance(cb, Namespace)]
+        path = find_newest_checkpoint(root, [folder for folder in own_dirs if folder])
+        where = f"under {os.path.abspath(root)} (last.ckpt of its runs, or hpc_ckpt_*.ckpt)"
+        if path is None and subcommand != "fit":
+            raise FileNotFoundError(
+                f"--ckpt_path last found no checkpoint {where}. Pass the --trainer.default_root_dir of the training"
+                " run, or the path of a .ckpt file."
+            )
+        if path is None:
+            rank_zero_info(f"adalabel: --ckpt_path last: no checkpoint {where} yet; training starts from the beginning")
+            return None
+        rank_zero_info(f"adalabel: --ckpt_path last: {path}, the newest checkpoint {where}")
+        return path
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         # Check the data folders before the Trainer prints its device banner, so that a wrong --data.root is told in
@@ -40,7 +142,15 @@ class AdaLabelCLI(LightningCLI):
         check_data_exists = getattr(self.datamodule, "check_data_exists", None)
         if callable(check_data_exists) and self.subcommand is not None:
             check_data_exists(self.subcommand)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self._resumed_checkpoint_dir:
+            continue_in_log_folder(trainer, self._resumed_checkpoint_dir)
+        return trainer
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.fit_loop.max_batches == 0 and trainer.limit_train_batches != 0 and not trainer.interrupted:
+            raise ValueError(no_training_batch(trainer, self.datamodule))
 
     def instantiate_classes(self) -> None:
         try:
@@ -58,6 +168,7 @@ class AdaLabelCLI(LightningCLI):
         parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
         for each in parsers:
             each.exit_on_error = False
+        self._command_line = [str(arg) for arg in args] if isinstance(args, (list, tuple)) else []
         try:
             if isinstance(args, (dict, Namespace)):
                 self.config = parser.parse_object(args)
@@ -70,6 +181,39 @@ class AdaLabelCLI(LightningCLI):
         finally:
             for each in parsers:
                 each.exit_on_error = True
+
+
+def continue_in_log_folder(trainer: "pl.Trainer", checkpoint_dir: str) -> None:
+    """Log and checkpoint into the folder of the run whose checkpoint ``--ckpt_path last`` resumes
+    (``<save_dir>/lightning_logs/version_3/checkpoints`` -> the logger's version 3) rather than a new version: the
+    ModelCheckpoint then keeps tracking its best file, and the next requeue finds the same folder."""
+    folder = Path(checkpoint_dir).absolute()
+    if folder.name != "checkpoints":
+        return
+    version = folder.parent.name
+    for logger in trainer.loggers:
+        root_dir = getattr(logger, "root_dir", None)
+        if root_dir and hasattr(logger, "_version") and Path(root_dir).absolute() == folder.parent.parent:
+            # TensorBoardLogger and CSVLogger take their version at construction only; it is read lazily.
+            logger._version = int(version[len("version_"):]) if re.fullmatch(r"version_\d+", version) else version
+
+
+def no_training_batch(trainer: "pl.Trainer", datamodule: Any) -> str:
+    """Why ``fit`` trained nothing: fewer training samples than one batch, and the incomplete batch dropped."""
+    loader = trainer.train_dataloader
+    try:
+        samples, batch_size = len(loader.sampler), loader.batch_size  # the sampler: this process's share under DDP
+    except (AttributeError, TypeError):
+        return "No training batch: the training DataLoader is empty, so nothing was trained and no checkpoint written."
+    per_process = " per process" if trainer.world_size > 1 else ""
+    root = getattr(datamodule, "root", None) or getattr(datamodule, "train_root", None)
+    data = f" in {root}" if root else ""
+    dropped = ", and the incomplete batch is dropped (drop_last)" if getattr(loader, "drop_last", False) else ""
+    return (
+        f"No training batch: the training set{data} has {samples} samples{per_process}, fewer than one batch of"
+        f" {batch_size}{dropped}, so nothing was trained and no checkpoint written. Pass --data.batch_size"
+        f" {max(1, samples)} or less, or give more training data."
+    )
 
 
 def error_behind_jsonargparse(error: BaseException) -> BaseException:
@@ -149,6 +293,12 @@ def explain_parse_error(message: str, known_options: Iterable[str] = ()) -> str:
     not_accepted = re.search(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
     if key and not_accepted:  # --model.lrr where --model is given by class_path
         class_path, name = not_accepted.groups()
+        if class_path in ("lightning.LightningDataModule", "lightning.LightningModule"):  # no recipe chosen yet
+            return (
+                f"--{key.group(1)}.{name} sets an option of the recipe's {key.group(1)} class, which comes from"
+                " --config: pass --config <recipe name or YAML file> before the --model.* and --data.* options (list"
+                " the recipes with `adalabel recipes`)"
+            )
         close = difflib.get_close_matches(name, init_arguments(class_path), n=1, cutoff=0.6)
         option = f"--{key.group(1)}.{name}"
         hint = f"; did you mean --{key.group(1)}.{close[0]}?" if close else ""

@@ -214,6 +214,8 @@ class TextClassificationDataModule(LabeledCSVDataModule):
     """
 
     collate_fn = staticmethod(collate_bags)  # variable-length texts: ids and offsets for nn.EmbeddingBag
+    # What a trained model depends on: a run from its checkpoint refuses other values (recipes/resume.py).
+    model_input_settings = ("num_classes", "num_buckets", "ngrams")
 
     def __init__(
         self,

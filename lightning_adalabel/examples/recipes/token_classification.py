@@ -252,6 +252,9 @@ class CoNLLDataModule(SplitDataModule):
         persistent_workers: keep loader workers alive between epochs.
     """
 
+    # What a trained model depends on: a run from its checkpoint refuses other values (recipes/resume.py).
+    model_input_settings = ("tags", "tokenizer", "to_iob2")
+
     def __init__(
         self,
         root: str,

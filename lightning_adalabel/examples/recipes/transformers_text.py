@@ -48,6 +48,9 @@ class TransformerTextDataModule(LabeledCSVDataModule):
         persistent_workers: keep loader workers alive between epochs.
     """
 
+    # What a trained model depends on: a run from its checkpoint refuses other values (recipes/resume.py).
+    model_input_settings = ("num_classes", "tokenizer")
+
     def __init__(
         self,
         root: str,
