@@ -454,6 +454,8 @@ class AdaLabel(pl.Callback):
             raise ValueError(invalid_targets_message(
                 int(summary[3]), int(summary[3] + summary[4]), None, label_matrix.num_classes, self.ignore_index
             ))
+        if summary[4] == 0 and not self._loss_seen_in_training:  # the engine may come from validation alone
+            raise RuntimeError(self._no_adalabel_loss_message(pl_module))
         # Python floats: the values are already identical on every rank, so Lightning needs no sync_dist for them.
         pl_module.log_dict(
             {"adalabel/entropy": summary[0], "adalabel/counted_fraction": summary[1], "adalabel/nonfinite": summary[2]},

@@ -420,7 +420,8 @@ class LabelMatrix:
 
     @property
     def nonfinite(self) -> Tensor:
-        """Number of samples per target class left out since the last refresh because their logits were NaN/Inf."""
+        """Number of samples per target class left out since the last refresh because their logits held NaN or +inf,
+        or -inf at the target class (-inf elsewhere is a mask: such samples count)."""
         return self.tallies[:, _NONFINITE]
 
     @property
@@ -451,7 +452,7 @@ class LabelMatrix:
         """Accumulate one batch in ``F.cross_entropy``'s layouts: logits ``(N, K, ...)`` of any float dtype, targets
         class indices ``(N, ...)`` or probabilities of the logits' shape; every position is one sample.
 
-        Runs in float32 on the logits' device without a device-to-host copy. Rows with NaN/Inf logits are left
+        Runs in float32 on the logits' device without a device-to-host copy. Rows with NaN/+inf logits are left
         out of the sums and counted in :attr:`nonfinite`; invalid targets are counted in :attr:`invalid`.
         """
         _tensor_validation(logits, target, self.num_classes)

@@ -335,7 +335,8 @@ class SparseLabelMatrix:
 
     @property
     def nonfinite(self) -> Tensor:
-        """Number of samples per class left out since the last refresh because their logits were NaN/Inf."""
+        """Number of samples per class left out since the last refresh because their logits held NaN or +inf, or
+        -inf at the target class (as the dense engine's)."""
         return self.tallies[:, 2]
 
     @property

@@ -281,6 +281,9 @@ class NeverReturns(TinyClassifier):
     def training_step(self, batch, batch_idx):
         return None
 
+    def validation_step(self, batch, batch_idx):  # the sanity check builds the engine: no proof of training
+        self.log("val_loss", self.adalabel_loss(self(batch[0]), batch[1]))
+
 
 @pytest.mark.parametrize(
     "model, message",
@@ -292,8 +295,9 @@ class NeverReturns(TinyClassifier):
     ids=["another_loss_after_a_skipped_batch", "only_under_no_grad", "every_batch_skipped"],
 )
 def test_training_without_adalabel_loss_names_the_cause(model, message):
+    trainer = L.Trainer(**trainer_kwargs(callbacks=[AdaLabel()], num_sanity_val_steps=1, limit_val_batches=1))
     with pytest.raises(RuntimeError, match=message):
-        fit(AdaLabel(), model)
+        trainer.fit(model, make_loader(), make_loader())
 
 
 # ---- 7. -inf masks are accepted as torch accepts them -------------------------------------------------------------
