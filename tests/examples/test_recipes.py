@@ -403,10 +403,10 @@ def test_text_recipe_predict_from_checkpoint(data_root, tmp_path):
 
 def test_csv_reader_handles_quotes_commas_and_escaped_newlines(tmp_path):
     path = tmp_path / "train.csv"
-    path.write_text('"3","Title, with comma","He said ""hi""\\nbye"\n"1","only one field"\n', encoding="utf-8")
+    path.write_text('"3","Title, with comma","He said ""hi""\\nbye"\n"1","a title",""\n', encoding="utf-8")
     texts, labels = read_labeled_csv(str(path), num_classes=4)
     assert labels == [2, 0]
-    assert texts == ['Title, with comma He said "hi" bye', "only one field"]
+    assert texts == ['Title, with comma He said "hi" bye', "a title "]
     with pytest.raises(ValueError, match="outside 1..2"):
         read_labeled_csv(str(path), num_classes=2)
 

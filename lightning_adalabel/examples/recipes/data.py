@@ -1,5 +1,6 @@
 """Data-loading helpers shared by the image and text recipes (no torchvision import)."""
 
+import codecs
 from typing import Callable, List, Optional, Tuple
 
 import lightning.pytorch as pl
@@ -85,3 +86,36 @@ def split_indices(size: int, val_fraction: float, seed: int) -> Tuple[List[int],
     order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
     num_val = int(round(size * val_fraction))
     return order[num_val:], order[:num_val]
+
+
+def text_decoding_error(path: str, encoding: str, fix: str) -> ValueError:
+    """The error for a text file that does not decode as ``encoding``, in one line: the file, its first undecodable
+    line and byte, and ``fix``. Called after a ``UnicodeDecodeError``, whose own position counts from the start of a
+    read buffer rather than of a line.
+
+    Example:
+        >>> import os, tempfile
+        >>> with tempfile.NamedTemporaryFile("wb", suffix=".csv", delete=False) as file:
+        ...     _ = file.write(b'"1","ok"\\n"2","caf\\xe9"\\n')  # cp1252, as Excel writes on Windows
+        >>> str(text_decoding_error(file.name, "utf-8-sig", "Save it as UTF-8.")).split(", ", 1)[1]
+        'line 2: not UTF-8 text (byte 0xe9, the 9th of the line). Save it as UTF-8.'
+        >>> os.remove(file.name)
+    """
+    name = "UTF-8" if codecs.lookup(encoding).name.startswith("utf-8") else encoding
+    with open(path, "rb") as file:
+        for line_number, line in enumerate(file, start=1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError as error:
+                byte = line[error.start:error.start + 1].hex()
+                return ValueError(
+                    f"{path}, line {line_number}: not {name} text (byte 0x{byte}, the {ordinal(error.start + 1)} of"
+                    f" the line). {fix}"
+                )
+    return ValueError(f"{path}: not {name} text. {fix}")
+
+
+def ordinal(number: int) -> str:
+    """``1`` -> ``"1st"``, ``12`` -> ``"12th"``, ``23`` -> ``"23rd"``."""
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"

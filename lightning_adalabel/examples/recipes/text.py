@@ -5,7 +5,8 @@
 Data layout: one folder per data set with ``train.csv`` and ``test.csv``, as in the original archives
 (``ag_news_csv/``, ``yahoo_answers_csv/``, ``yelp_review_full_csv/``). No header; each row is the 1-based class
 label, then one or more quoted text fields (AG News: title, description; Yahoo: question title, question content,
-best answer; Yelp: review text). Quotes inside a field are doubled (``""``) and line breaks are written ``\\n``.
+best answer; Yelp: review text). Every row of a file has the same number of fields. Quotes inside a field are
+doubled (``""``) and line breaks are written ``\\n``. The files are UTF-8, with or without a byte-order mark.
 """
 
 import abc
@@ -13,27 +14,68 @@ import csv
 import os
 import re
 import sys
+import unicodedata
 import zlib
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from lightning_adalabel.examples.recipes.classification import ClassificationModule
-from lightning_adalabel.examples.recipes.data import SplitDataModule, split_indices
+from lightning_adalabel.examples.recipes.data import SplitDataModule, split_indices, text_decoding_error
 
-WORD_PATTERN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+def _combining_marks() -> str:
+    r"""A regex character class of every Unicode combining mark (categories Mn, Mc, Me): the vowel signs and viramas
+    of Indic scripts, and accents that have no precomposed letter. ``\w`` leaves them out, which would cut
+    "हिन्दी" (Hindi) into three words."""
+    marks = [code for code in range(sys.maxunicode + 1) if unicodedata.category(chr(code)).startswith("M")]
+    ranges = []
+    for code in marks:
+        if ranges and code == ranges[-1][1] + 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    return "[" + "".join(f"{re.escape(chr(first))}-{re.escape(chr(last))}" for first, last in ranges) + "]"
+
+
+# A word: letters and digits of any script (``\w`` without ``_``) with their combining marks, and at most one inner
+# apostrophe (don't, l'homme). Written as runs of letters between runs of marks: one alternation per character
+# would make Latin text, which has no marks, twice as slow to match.
+_WORD = rf"[^\W_]+(?:{_combining_marks()}+[^\W_]*)*"
+WORD_PATTERN = re.compile(rf"{_WORD}(?:'{_WORD})?")
+# Warn when at least this share of a file's rows has no word: the model sees nothing of them.
+NO_WORD_WARNING_SHARE = 0.05
+# The files' encoding: UTF-8, with or without the byte-order mark that Excel writes first.
+CSV_ENCODING = "utf-8-sig"
 # fastText's multiplier for combining word hashes into n-gram hashes.
 NGRAM_HASH_MULTIPLIER = 116_049_371
 
 Bag = Tuple[Tensor, Tensor]  # (token ids of the whole batch, flat; offset of each sample's first token)
 
 
+def normalize_text(text: str) -> str:
+    """What the tokenizer reads: the text in Unicode NFKC form (composed accents, "ﬁ" -> "fi", full-width "２" ->
+    "2"), case-folded (lower case, "ß" -> "ss"), with the typographic apostrophe "’" as "'".
+
+    Example:
+        >>> normalize_text("Déjà VU, l’ﬁn Straße ２０２４")
+        "déjà vu, l'fin strasse 2024"
+    """
+    return unicodedata.normalize("NFKC", text).casefold().replace("’", "'")
+
+
 class HashingTokenizer:
-    """Lower-cased regex words plus word n-grams, hashed into ``num_buckets`` ids (the hashing trick of fastText).
+    """Unicode words plus word n-grams, hashed into ``num_buckets`` ids (the hashing trick of fastText).
+
+    A word is a run of letters and digits of any script, with their combining marks and at most one inner
+    apostrophe, read from the text after :func:`normalize_text` (NFKC, case-folded). Everything else (punctuation,
+    symbols, emoji, ``_``) separates words. Scripts written without spaces (Chinese, Japanese, Thai) give one word per
+    run of characters: split their words first (e.g. with a segmenter) or use a transformer recipe.
 
     No vocabulary to build or download, and every process maps a text to the same ids (CRC-32, not Python's salted
     ``hash``). Words and n-grams share the buckets; collisions are rare enough at 2**20+ buckets to cost little.
@@ -48,6 +90,8 @@ class HashingTokenizer:
         >>> ids = tokenizer("Hello, hello World!")
         >>> len(ids), bool(ids[0] == ids[1]), int(ids.max()) < 1000  # 3 words + 2 bigrams; case-insensitive
         (5, True, True)
+        >>> tokenizer.words("Déjà vu! ПРИВЕТ, don't _stop_ हिन्दी")
+        ['déjà', 'vu', 'привет', "don't", 'stop', 'हिन्दी']
     """
 
     def __init__(self, num_buckets: int = 2**20, ngrams: int = 2, max_words: Optional[int] = None) -> None:
@@ -58,8 +102,13 @@ class HashingTokenizer:
         self.max_words = max_words
 
     def words(self, text: str) -> List[str]:
-        words = WORD_PATTERN.findall(text.lower())
+        words = WORD_PATTERN.findall(normalize_text(text))
         return words if self.max_words is None else words[: self.max_words]
+
+    @staticmethod
+    def has_words(text: str) -> bool:
+        """Whether ``text`` gives at least one word (cheaper than :meth:`words`: it stops at the first)."""
+        return WORD_PATTERN.search(normalize_text(text)) is not None
 
     def __call__(self, text: str) -> Tensor:
         word_hashes = np.fromiter((zlib.crc32(word.encode()) for word in self.words(text)), dtype=np.int64)
@@ -83,29 +132,69 @@ def check_csv_exists(path: str) -> None:
 
 
 def read_labeled_csv(path: str, num_classes: int) -> Tuple[List[str], List[int]]:
-    """Read a ``train.csv``/``test.csv`` file: 0-based labels, and each row's text fields joined by spaces."""
+    """Read a ``train.csv``/``test.csv`` file: 0-based labels, and each row's text fields joined by spaces.
+
+    Refused, in one line naming the row and the fix: a file that is not UTF-8 (a UTF-8 byte-order mark is fine), a
+    row whose label is not in 1..``num_classes``, a row without a text field, a row with another number of fields
+    than the first row (an unquoted comma or a stray quote), and a file without rows. Blank lines are skipped.
+    """
     check_csv_exists(path)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # Yahoo! Answers has fields longer than csv's 128 kB default
-    texts, labels = [], []
-    with open(path, newline="", encoding="utf-8") as file:
-        for line_number, row in enumerate(csv.reader(file), start=1):
-            if not row:
-                continue
-            try:
-                label = int(row[0]) - 1
-            except ValueError:
-                raise ValueError(
-                    f"{path}, row {line_number}: the first column must be the 1-based class label, got {row[0]!r}"
-                    " (the files have no header row)."
-                ) from None
-            if not 0 <= label < num_classes:
-                raise ValueError(
-                    f"{path}, row {line_number}: label {label + 1} is outside 1..{num_classes}; check"
-                    " `--data.num_classes` (AG News 4, Yahoo! Answers 10, Yelp Review Full 5)."
-                )
-            labels.append(label)
-            texts.append(" ".join(field.replace("\\n", " ") for field in row[1:]))
+    with open(path, newline="", encoding=CSV_ENCODING) as file:
+        try:
+            texts, labels = _read_rows(path, csv.reader(file), num_classes)
+        except UnicodeDecodeError:
+            raise text_decoding_error(
+                path, CSV_ENCODING, "Save the file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 old.csv > new.csv`)."
+            ) from None
+    if not labels:
+        raise ValueError(
+            f"{path} has no rows. Fill it with one row per text (the 1-based label, then the text fields; see the"
+            " text-classification layout in docs/recipes.md), or point `--data.root` at the data set's folder."
+        )
     return texts, labels
+
+
+def _read_rows(path: str, rows: Iterable[List[str]], num_classes: int) -> Tuple[List[str], List[int]]:
+    texts, labels = [], []
+    first_row = num_fields = 0
+    for row_number, row in enumerate(rows, start=1):
+        if not row:
+            continue
+        label = _parse_label(path, row_number, row[0], num_classes)
+        if len(row) < 2:
+            raise ValueError(
+                f"{path}, row {row_number}: a label and no text field. Each row is the label, then the text"
+                " field(s); give the row its text or delete it."
+            )
+        if not num_fields:
+            first_row, num_fields = row_number, len(row)
+        elif len(row) != num_fields:
+            raise ValueError(
+                f"{path}, row {row_number}: {len(row)} fields, but row {first_row} has {num_fields}. A comma or a"
+                " quote inside an unquoted text splits it: quote every field (\"...\", with inner quotes doubled),"
+                " as the data sets' files do."
+            )
+        labels.append(label)
+        texts.append(" ".join(field.replace("\\n", " ") for field in row[1:]))
+    return texts, labels
+
+
+def _parse_label(path: str, row_number: int, field: str, num_classes: int) -> int:
+    """The 0-based label of a row's first field, which holds the 1-based label."""
+    try:
+        label = int(field) - 1
+    except ValueError:
+        raise ValueError(
+            f"{path}, row {row_number}: the first column must be the 1-based class label, got {field!r}"
+            " (the files have no header row)."
+        ) from None
+    if not 0 <= label < num_classes:
+        raise ValueError(
+            f"{path}, row {row_number}: label {label + 1} is outside 1..{num_classes}; check"
+            " `--data.num_classes` (AG News 4, Yahoo! Answers 10, Yelp Review Full 5)."
+        )
+    return label
 
 
 class HashedTextDataset(Dataset):
@@ -169,6 +258,9 @@ class LabeledCSVDataModule(SplitDataModule, abc.ABC):
     def make_dataset(self, texts: Sequence[str], labels: Sequence[int]) -> Dataset:
         """The data set of one split's texts and 0-based labels, as the model takes them."""
 
+    def check_texts(self, path: str, texts: Sequence[str]) -> None:
+        """Warn about texts of the file ``path`` that the model cannot read (nothing to check here)."""
+
     def check_data_exists(self, stage: str) -> None:
         # setup("fit") reads train.csv, and test.csv as well unless validation is held out of train.csv.
         splits = ["train"] if stage == "fit" else []
@@ -178,7 +270,9 @@ class LabeledCSVDataModule(SplitDataModule, abc.ABC):
             check_csv_exists(os.path.join(self.root, f"{split}.csv"))
 
     def _read(self, split: str) -> Dataset:
-        texts, labels = read_labeled_csv(os.path.join(self.root, f"{split}.csv"), self.num_classes)
+        path = os.path.join(self.root, f"{split}.csv")
+        texts, labels = read_labeled_csv(path, self.num_classes)
+        self.check_texts(path, texts)
         return self.make_dataset(texts, labels)
 
     def setup(self, stage: str) -> None:
@@ -238,6 +332,17 @@ class TextClassificationDataModule(LabeledCSVDataModule):
 
     def make_dataset(self, texts: Sequence[str], labels: Sequence[int]) -> HashedTextDataset:
         return HashedTextDataset(texts, labels, self.tokenizer)
+
+    def check_texts(self, path: str, texts: Sequence[str]) -> None:
+        # A row without a word is an empty bag: the model predicts it from its bias alone. Many such rows mean the
+        # text is elsewhere (another column, another encoding) rather than a few rows of bare punctuation.
+        empty = sum(not self.tokenizer.has_words(text) for text in texts)
+        if texts and empty / len(texts) >= NO_WORD_WARNING_SHARE:
+            rank_zero_warn(
+                f"{path}: {empty} of {len(texts)} rows ({empty / len(texts):.0%}) have no word (no letter or digit"
+                " in any script), so the model sees nothing of them. Check that the text is in the fields after the"
+                " label and that the file is UTF-8."
+            )
 
 
 class FastTextClassifier(ClassificationModule):
