@@ -1,7 +1,7 @@
 """Choose the ``alr`` default by the rule written in docs/benchmarks.md before the runs.
 
-Runs every candidate (and OLS and label smoothing, for the comparison) on both accuracy tasks, all five label
-settings, seeds 0 to 9, through ``benchmarks/accuracy.py``'s harness; reuses the runs of identical settings already
+Runs every candidate on both accuracy tasks, all five label settings, seeds 0 to 9 (and OLS and label smoothing, for
+the comparison, with ``--baseline-seeds``, 5 by default), through ``benchmarks/accuracy.py``'s harness; reuses the runs of identical settings already
 in ``benchmarks/results/{accuracy,superclasses}/runs.csv``; then applies the rule and prints the tables:
 
 1. a candidate is eligible if in no (task, setting) cell its mean paired difference to ``today`` is below minus one
@@ -55,9 +55,10 @@ BASELINES: Dict[str, Tuple[Dict[str, object], Optional[str]]] = {
 }
 
 
-def methods() -> Dict[str, Tuple[Dict[str, object], Optional[str]]]:
-    """Every method this script runs: name -> (keyword arguments, earlier name)."""
-    return {**{name: (kwargs, earlier) for name, (kwargs, _, _, earlier) in CANDIDATES.items()}, **BASELINES}
+def methods(baselines: bool = True) -> Dict[str, Tuple[Dict[str, object], Optional[str]]]:
+    """The methods this script runs: name -> (keyword arguments, earlier name)."""
+    candidates = {name: (kwargs, earlier) for name, (kwargs, _, _, earlier) in CANDIDATES.items()}
+    return {**candidates, **BASELINES} if baselines else candidates
 
 
 def import_earlier_runs(task: str, runs_path: str, seeds: int) -> int:
@@ -169,7 +170,9 @@ def report(results: Dict[str, List[Dict[str, object]]], seeds: int) -> Optional[
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per candidate")
+    parser.add_argument("--baseline-seeds", type=int, default=5,
+                        help="seeds per baseline (OLS, label smoothing); the earlier grid has 5")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one CPU thread each")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "default_selection"))
@@ -187,8 +190,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.report_only:
             copied = import_earlier_runs(task, runs_path, args.seeds)
             done = {(row["setting"], row["method"], int(row["seed"])) for row in read_done(runs_path)}  # type: ignore
-            jobs = [(name, kwargs, setting, seed, args.epochs, task) for name, (kwargs, _) in methods().items()
-                    for setting in SETTINGS for seed in range(args.seeds) if (setting, name, seed) not in done]
+            jobs = [(name, kwargs, setting, seed, args.epochs, task)
+                    for name, (kwargs, _) in methods(args.baseline_seeds > 0).items()
+                    for setting in SETTINGS
+                    for seed in range(args.seeds if name in CANDIDATES else args.baseline_seeds)
+                    if (setting, name, seed) not in done]
             print(f"{task}: {copied} runs reused from the earlier grid, {len(jobs)} to do", flush=True)
             with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
                 for count, row in enumerate(pool.map(run_one, jobs), start=1):
