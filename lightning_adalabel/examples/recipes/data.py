@@ -88,6 +88,33 @@ def split_indices(size: int, val_fraction: float, seed: int) -> Tuple[List[int],
     return order[num_val:], order[:num_val]
 
 
+class SameFieldCount:
+    """Checks that every record of a text file (a CSV row, a CoNLL line) has as many fields as its first record: one
+    more or one less means that a field was split or lost (an unquoted comma, a missing tag).
+
+    Example:
+        >>> rows = SameFieldCount("train.csv", "row", "fields", "Quote every field.")
+        >>> rows.check(1, 3); rows.check(2, 3); rows.check(3, 4)
+        Traceback (most recent call last):
+        ...
+        ValueError: train.csv, row 3: 4 fields, but row 1 has 3. Quote every field.
+    """
+
+    def __init__(self, path: str, record: str, field: str, fix: str) -> None:
+        self.path, self.record, self.field, self.fix = path, record, field, fix
+        self.first_number = self.count = 0
+
+    def check(self, number: int, count: int, shown: str = "") -> None:
+        """Record ``number`` has ``count`` fields; ``shown`` (its text, say) goes into the message after the count."""
+        if not self.count:
+            self.first_number, self.count = number, count
+        elif count != self.count:
+            raise ValueError(
+                f"{self.path}, {self.record} {number}: {count} {self.field}{shown}, but {self.record}"
+                f" {self.first_number} has {self.count}. {self.fix}"
+            )
+
+
 def text_decoding_error(path: str, encoding: str, fix: str) -> ValueError:
     """The error for a text file that does not decode as ``encoding``, in one line: the file, its first undecodable
     line and byte, and ``fix``. Called after a ``UnicodeDecodeError``, whose own position counts from the start of a

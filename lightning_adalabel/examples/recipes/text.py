@@ -26,7 +26,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from lightning_adalabel.examples.recipes.classification import ClassificationModule
-from lightning_adalabel.examples.recipes.data import SplitDataModule, split_indices, text_decoding_error
+from lightning_adalabel.examples.recipes.data import (
+    SameFieldCount,
+    SplitDataModule,
+    split_indices,
+    text_decoding_error,
+)
 
 
 def _combining_marks() -> str:
@@ -157,7 +162,10 @@ def read_labeled_csv(path: str, num_classes: int) -> Tuple[List[str], List[int]]
 
 def _read_rows(path: str, rows: Iterable[List[str]], num_classes: int) -> Tuple[List[str], List[int]]:
     texts, labels = [], []
-    first_row = num_fields = 0
+    fields = SameFieldCount(
+        path, "row", "fields", "A comma or a quote inside an unquoted text splits it: quote every field (\"...\", with"
+        " inner quotes doubled), as the data sets' files do.",
+    )
     for row_number, row in enumerate(rows, start=1):
         if not row:
             continue
@@ -167,14 +175,7 @@ def _read_rows(path: str, rows: Iterable[List[str]], num_classes: int) -> Tuple[
                 f"{path}, row {row_number}: a label and no text field. Each row is the label, then the text"
                 " field(s); give the row its text or delete it."
             )
-        if not num_fields:
-            first_row, num_fields = row_number, len(row)
-        elif len(row) != num_fields:
-            raise ValueError(
-                f"{path}, row {row_number}: {len(row)} fields, but row {first_row} has {num_fields}. A comma or a"
-                " quote inside an unquoted text splits it: quote every field (\"...\", with inner quotes doubled),"
-                " as the data sets' files do."
-            )
+        fields.check(row_number, len(row))
         labels.append(label)
         texts.append(" ".join(field.replace("\\n", " ") for field in row[1:]))
     return texts, labels
