@@ -2,15 +2,19 @@
 
 All transforms are ``torchvision.transforms.v2``; images are decoded and augmented in the loader workers, batches
 are pinned, and workers persist between epochs.
+
+An image that cannot be decoded stops the run with its path (see :class:`UnreadableImage`).
 """
 
 import os
 from pathlib import Path
-from typing import Callable, Optional, Tuple, Type
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import Subset, default_collate
 from torchvision import datasets
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 from lightning_adalabel.examples.recipes.data import SplitDataModule, split_indices
@@ -108,6 +112,8 @@ class CIFAR10DataModule(SplitDataModule):
 
     def setup(self, stage: str) -> None:
         self._check_files_exist()
+        if self.check_integrity:
+            self._check_md5()
         if stage == "fit":
             train_set = self._dataset(train=True, transform=self.train_transform())
             if self.val_fraction > 0:
@@ -122,15 +128,22 @@ class CIFAR10DataModule(SplitDataModule):
                 self.val_set = self.test_set
 
     def _dataset(self, train: bool, transform: Callable) -> datasets.CIFAR10:
-        dataset_class = self.dataset_class if self.check_integrity else self.unchecked_dataset_class
-        try:
-            return dataset_class(self.root, train=train, transform=transform, download=False)
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"{error}. The files in {self._folder()} exist but do not match the official release's MD5: re-download"
-                " them with `--data.download true` after deleting the folder, or, if you wrote them yourself in the"
-                " same pickle format, pass `--data.check_integrity false`."
-            ) from error
+        # setup has compared the MD5s once (if asked to); torchvision's checked loader would hash every file again
+        # for each split, and fail without naming the file.
+        return self.unchecked_dataset_class(self.root, train=train, transform=transform, download=False)
+
+    def _check_md5(self) -> None:
+        dataset_class = self.dataset_class
+        meta = dataset_class.meta
+        for name, md5 in [*dataset_class.train_list, *dataset_class.test_list, (meta["filename"], meta["md5"])]:
+            path = self._folder() / name
+            if not check_integrity(str(path), md5):
+                raise ValueError(
+                    f"{os.path.abspath(path)} is not the file of the official {dataset_class.__name__} release (its"
+                    f" MD5 is not {md5}). If you wrote the files yourself in the same pickle format, pass"
+                    " `--data.check_integrity false`; otherwise delete the folder and download it again with"
+                    " `--data.download true`."
+                )
 
     def _folder(self) -> Path:
         return Path(self.root) / self.dataset_class.base_folder
@@ -163,6 +176,76 @@ class CIFAR100DataModule(CIFAR10DataModule):
 # ---- ImageNet ------------------------------------------------------------------------------------------------
 
 
+class UnreadableImage(NamedTuple):
+    """An image file that could not be decoded, carried from the loader worker to the main process as a batch.
+
+    Raised in the worker, the error would reach the main process re-wrapped by PyTorch, as a worker traceback without
+    the file's path in its last line; carried as a batch, it is raised by
+    :meth:`ImageNetDataModule.on_before_batch_transfer` with the path, the cause and the fix in one line.
+    """
+
+    path: str
+    cause: str
+
+    def error(self) -> ValueError:
+        return ValueError(
+            f"{self.path}: cannot decode the image ({self.cause}). The file is damaged or is not an image: copy it"
+            " again from the data set's source, or delete it. The run stops here rather than train or evaluate on"
+            " other images than the folders hold."
+        )
+
+
+class _ImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` whose undecodable files become :class:`UnreadableImage` samples instead of errors raised in
+    the loader worker (module level, so that loader workers can pickle it)."""
+
+    def __getitem__(self, index: int) -> Any:
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except (OSError, SyntaxError) as error:  # PIL: truncated or unidentified files; SyntaxError: broken headers
+            return UnreadableImage(os.path.abspath(path), f"{type(error).__name__}: {error}")
+        if self.transform is not None:
+            image = self.transform(image)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return image, target
+
+
+def collate_images(samples: Sequence[Any]) -> Any:
+    """``default_collate`` of ``(image, label)`` samples, or the first :class:`UnreadableImage` among them."""
+    unreadable = [sample for sample in samples if isinstance(sample, UnreadableImage)]
+    return unreadable[0] if unreadable else default_collate(samples)
+
+
+def _has_image(folder: str) -> bool:
+    """Whether ``folder`` or a folder below it holds a file with an image extension (what ``ImageFolder`` reads)."""
+    return any(
+        has_file_allowed_extension(name, IMG_EXTENSIONS)
+        for _, _, names in os.walk(folder, followlinks=True) for name in names
+    )
+
+
+def missing_images_message(root: str, argument: str) -> Optional[str]:
+    """What the image-folder tree ``root`` (``--data.<argument>``) lacks, in one line: class folders, or the images
+    of some of them; None when it lacks neither."""
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        return (
+            f"{os.path.abspath(root)} has no class folder. `--data.{argument}` must hold one sub-folder of images per"
+            " class (<class>/<image>.JPEG; see the ImageNet layout in docs/recipes.md)."
+        )
+    empty = [name for name in classes if not _has_image(os.path.join(root, name))]
+    if not empty:
+        return None
+    others = f" (and {len(empty) - 1} other class folders: {', '.join(empty[1:4])}{', ...' * (len(empty) > 4)})"
+    return (
+        f"{os.path.abspath(os.path.join(root, empty[0]))} holds no image{others * (len(empty) > 1)}. Every"
+        f" sub-folder of `--data.{argument}` is a class: put the class's images ({', '.join(IMG_EXTENSIONS)}) in it,"
+        " or delete it from both --data.train_root and --data.val_root."
+    )
+
+
 class ImageNetDataModule(SplitDataModule):
     """ImageNet (or any image-classification folder tree) through ``torchvision.datasets.ImageFolder``.
 
@@ -182,6 +265,7 @@ class ImageNetDataModule(SplitDataModule):
     """
 
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    collate_fn = staticmethod(collate_images)
 
     def __init__(
         self,
@@ -249,5 +333,18 @@ class ImageNetDataModule(SplitDataModule):
     @classmethod
     def _image_folder(cls, root: str, argument: str, transform: Callable) -> datasets.ImageFolder:
         cls._check_folder(root, argument)
-        return datasets.ImageFolder(root, transform=transform)
+        try:
+            return _ImageFolder(root, transform=transform)
+        except FileNotFoundError as error:  # torchvision's: no class folder, or a class folder without images
+            message = missing_images_message(root, argument)
+            if message is None:
+                raise
+            raise FileNotFoundError(message) from error
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Raise the error of an :class:`UnreadableImage` batch in the main process; other batches go to the model's
+        own ``on_before_batch_transfer`` (Lightning calls the data module's hook instead of the model's)."""
+        if isinstance(batch, UnreadableImage):
+            raise batch.error()
+        return self.trainer.lightning_module.on_before_batch_transfer(batch, dataloader_idx)
 
