@@ -3,11 +3,22 @@ written by ``save_pretrained``, or (for the model) a config for a randomly initi
 of Hugging Face fine-tuning (no weight decay on biases and normalisation weights).
 
 Only the transformer recipes import this module, so the library and the other recipes never need ``transformers``.
+
+Before it loads a Hub name (not a local folder), the module checks in a few seconds that the Hub can be reached; if
+it cannot, it reads the local cache only, as ``HF_HUB_OFFLINE=1`` does, instead of letting ``huggingface_hub`` retry
+five times (about 20 s, longer where connections time out) before it gives up.
 """
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+import difflib
+import functools
+import os
+import socket
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import lightning.pytorch as pl
+import yaml
 from torch import Tensor, nn
 
 from lightning_adalabel.examples.recipes.classification import ClassificationModule, OptimizerName, ScheduleName
@@ -15,6 +26,7 @@ from lightning_adalabel.examples.recipes.classification import ClassificationMod
 TRANSFORMERS_EXTRA = 'pip install "lightning-adalabel[transformers]"'
 
 try:
+    import huggingface_hub.errors
     import transformers
 except ImportError as error:  # the recipes' CLI prints this message in one line
     raise ImportError(
@@ -22,15 +34,23 @@ except ImportError as error:  # the recipes' CLI prints this message in one line
     ) from error
 
 Batch = Tuple[Dict[str, Tensor], Tensor]  # (tokenised inputs: input_ids, attention_mask, ...; labels)
+# `--model.config`: a mapping, or its YAML/JSON text. jsonargparse hands over the text of a value it cannot read as a
+# mapping, so that the YAML error (which it would drop) is told here.
+ModelConfig = Union[Dict[str, Any], str]
 
 # What from_pretrained raises for a name that is neither a folder nor a reachable Hub repository: OSError, or (in
 # transformers 4.x, for a path-like name that does not exist) huggingface_hub's HFValidationError, a ValueError.
 LOAD_ERRORS = (OSError, ValueError)
+# What building a model from a wrong `--model.config` raises: the config classes' checks (ValueError; in recent
+# versions huggingface_hub's strict-dataclass validation errors), and the layers' own (TypeError, KeyError).
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, getattr(huggingface_hub.errors, "StrictDataclassError", ValueError))
 # BPE tokenizers that mark a word's start with a space need this to encode words given one by one (word lists).
 PREFIX_SPACE_MODEL_TYPES = ("bloom", "gpt2", "roberta", "deberta", "longformer", "bart")
 # Parameters of normalisation layers (LayerNorm, RMSNorm, ...) are matched by the class name, which covers the
 # models' own norm classes (T5LayerNorm, LlamaRMSNorm) as well as torch's.
 NORM_CLASS_NAME_PART = "norm"
+# Seconds to wait for a TCP connection to the Hub (or to the proxy the environment names) before reading the cache only.
+HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def load_tokenizer(name_or_path: str, for_word_lists: bool = False) -> Any:
@@ -45,10 +65,7 @@ def load_tokenizer(name_or_path: str, for_word_lists: bool = False) -> Any:
     kwargs: Dict[str, Any] = {}
     if for_word_lists and model_type_of(name_or_path) in PREFIX_SPACE_MODEL_TYPES:
         kwargs["add_prefix_space"] = True
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    except LOAD_ERRORS as error:
-        raise FileNotFoundError(cannot_load_message("tokenizer", name_or_path, error)) from error
+    tokenizer = from_pretrained("tokenizer", transformers.AutoTokenizer.from_pretrained, name_or_path, **kwargs)
     if for_word_lists and not tokenizer.is_fast:
         raise ValueError(
             f"The tokenizer of {name_or_path!r} is a slow (Python) tokenizer; aligning word labels to word pieces"
@@ -80,18 +97,74 @@ class PadToLongest:
 def model_type_of(name_or_path: str) -> Optional[str]:
     """The ``model_type`` in the checkpoint's config (``"bert"``, ``"roberta"``), or None without a config."""
     try:
-        return getattr(transformers.AutoConfig.from_pretrained(name_or_path), "model_type", None)
-    except (OSError, ValueError):  # a tokenizer folder without the model's config.json
+        config = from_pretrained("config", transformers.AutoConfig.from_pretrained, name_or_path)
+    except FileNotFoundError:  # a tokenizer folder without the model's config.json
         return None
+    return getattr(config, "model_type", None)
 
 
-def cannot_load_message(what: str, name_or_path: str, error: Exception) -> str:
+def from_pretrained(what: str, load: Callable[..., Any], name_or_path: str, **kwargs: Any) -> Any:
+    """``load(name_or_path, **kwargs)``, a ``from_pretrained``: from the local cache only when ``name_or_path`` is not
+    a folder and the Hub cannot be reached; a failure raises ``FileNotFoundError`` with one line."""
+    unreachable = None if os.path.isdir(name_or_path) else hub_unreachable_reason()
+    if unreachable is not None:
+        kwargs["local_files_only"] = True
+    try:
+        return load(name_or_path, **kwargs)
+    except LOAD_ERRORS as error:
+        raise FileNotFoundError(cannot_load_message(what, name_or_path, error, unreachable)) from error
+
+
+def hub_unreachable_reason() -> Optional[str]:
+    """Why the Hugging Face Hub cannot be reached (``"huggingface.co:443: Connection refused"``), or None when it
+    can, or when ``HF_HUB_OFFLINE`` is set (then nothing tries the network). Asked once per process."""
+    from huggingface_hub import constants
+
+    return None if constants.HF_HUB_OFFLINE else _probe_connection(constants.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_connection(url: str) -> Optional[str]:
+    """A TCP connection to ``url``'s host, or to the proxy that the environment sets for it, within
+    ``HUB_PROBE_TIMEOUT_S`` seconds: None if it opens, else the reason."""
+    target = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
+    try:
+        socket.create_connection(address, timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:  # refused, unresolvable name, no route, timed out
+        return f"{address[0]}:{address[1]}: {error.strerror or error}"
+    return None
+
+
+def cannot_load_message(what: str, name_or_path: str, error: Exception, unreachable: Optional[str] = None) -> str:
     """One line for a checkpoint that neither the local disk nor the Hub (or its cache) can provide."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if unreachable is not None:
+        return (
+            f"cannot load the {what} {name_or_path!r}: it is not in the local Hugging Face cache, and the Hub cannot"
+            f" be reached ({unreachable}). Run once with network access (the files are then cached), give a folder"
+            " written by `save_pretrained`, or set HF_HUB_OFFLINE=1 to read the cache without trying the network."
+        )
     return (
-        f"cannot load the {what} {name_or_path!r}: {first_line} Give a Hugging Face Hub name (needs the network, or"
-        " the model in the local cache) or a folder written by `save_pretrained`."
+        f"cannot load the {what} {name_or_path!r}: {reason(error, first_line_only=True)} Give a Hugging Face Hub"
+        " name (needs the network, or the model in the local cache) or a folder written by `save_pretrained`."
     )
+
+
+def reason(error: BaseException, first_line_only: bool = False, max_length: int = 300) -> str:
+    """An error's message as one sentence: its lines joined (or its first line only), cut at ``max_length``
+    characters, ending with a full stop; its type's name when it has no message.
+
+    Example:
+        >>> reason(ValueError("Validation error for field 'hidden_size':\\n    TypeError: expected int"))
+        "Validation error for field 'hidden_size': TypeError: expected int."
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    text = lines[0] if first_line_only else " ".join(lines)
+    text = text if len(text) <= max_length else text[: max_length - 3] + "..."
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def tokenizer_for(datamodule: pl.LightningDataModule, tokenizer_name: Optional[str]) -> str:
@@ -115,13 +188,13 @@ def build_model(
     auto_class: Any,
     num_labels: int,
     checkpoint: Optional[str] = None,
-    config: Optional[Mapping[str, Any]] = None,
+    config: Optional[Union[Mapping[str, Any], str]] = None,
     label_names: Optional[List[str]] = None,
     ignore_mismatched_sizes: bool = False,
 ) -> nn.Module:
     """A Hugging Face model with a ``num_labels``-way head: pretrained from ``checkpoint`` (the head is new unless the
     checkpoint has one of this size), or randomly initialised from ``config`` (``{"model_type": "bert", ...}``,
-    the keyword arguments of that model type's config class).
+    the keyword arguments of that model type's config class, or that mapping as YAML/JSON text).
     """
     if (checkpoint is None) == (config is None):
         raise ValueError(
@@ -134,18 +207,62 @@ def build_model(
         head["id2label"] = dict(enumerate(label_names))
         head["label2id"] = {name: index for index, name in enumerate(label_names)}
     if checkpoint is not None:
-        try:
-            return auto_class.from_pretrained(checkpoint, ignore_mismatched_sizes=ignore_mismatched_sizes, **head)
-        except LOAD_ERRORS as error:
-            raise FileNotFoundError(cannot_load_message("model", checkpoint, error)) from error
-    settings = dict(config or {})
+        return from_pretrained(
+            "model", auto_class.from_pretrained, checkpoint, ignore_mismatched_sizes=ignore_mismatched_sizes, **head
+        )
+    settings = parse_model_config(config or {})
     model_type = settings.pop("model_type", None)
     if model_type is None:
         raise ValueError(
             "`--model.config` needs a `model_type` (e.g. {\"model_type\": \"bert\", \"num_hidden_layers\": 2}), the"
             " architecture to build."
         )
-    return auto_class.from_config(transformers.AutoConfig.for_model(model_type, **settings, **head))
+    config_class = config_class_of(str(model_type))
+    try:
+        return auto_class.from_config(transformers.AutoConfig.for_model(model_type, **settings, **head))
+    except CONFIG_ERRORS as error:
+        raise ValueError(
+            f"`--model.config` does not make a {model_type} model: {reason(error)} Its keys are the arguments of"
+            f" transformers.{config_class.__name__}; fix the value it names."
+        ) from error
+
+
+def parse_model_config(config: Union[Mapping[str, Any], str]) -> Dict[str, Any]:
+    """``--model.config`` as a dict: the mapping itself, or the mapping its YAML/JSON text holds.
+
+    Example:
+        >>> parse_model_config("{model_type: bert, num_hidden_layers: 2}")
+        {'model_type': 'bert', 'num_hidden_layers': 2}
+        >>> parse_model_config("{layers: 2")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `--model.config {layers: 2` is not YAML: expected ',' or '}', but got '<stream end>' at column 11. ...
+    """
+    if not isinstance(config, str):
+        return dict(config)
+    example = "Write a mapping, e.g. --model.config '{model_type: bert, num_hidden_layers: 4}' (quoted for the shell)."
+    try:
+        parsed = yaml.safe_load(config)
+    except yaml.YAMLError as error:
+        problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+        where = f"{problem} at column {mark.column + 1}." if problem and mark else reason(error, first_line_only=True)
+        raise ValueError(f"`--model.config {config}` is not YAML: {where} {example}") from error
+    if not isinstance(parsed, dict):
+        raise ValueError(f"`--model.config {config}` is not a mapping but a {type(parsed).__name__}. {example}")
+    return parsed
+
+
+def config_class_of(model_type: str) -> Any:
+    """transformers' config class of ``model_type`` (``"bert"`` -> ``BertConfig``); an unknown one is refused with
+    the closest names."""
+    if model_type in transformers.CONFIG_MAPPING:
+        return transformers.CONFIG_MAPPING[model_type]
+    close = difflib.get_close_matches(model_type, list(transformers.CONFIG_MAPPING.keys()), n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ValueError(
+        f"`--model.config` has model_type {model_type!r}, which transformers does not know; {hint}The model types are"
+        " the keys of transformers.CONFIG_MAPPING (bert, roberta, deberta-v2, distilbert, ...)."
+    )
 
 
 def no_weight_decay_names(model: nn.Module) -> List[str]:
@@ -175,7 +292,7 @@ class TransformerModule(ClassificationModule):
         checkpoint: a Hugging Face Hub name (``bert-base-uncased``, ``microsoft/deberta-v3-base``) or a folder
             written by ``save_pretrained``; its tokenizer is also the data's unless ``--data.tokenizer`` is set.
         config: instead of ``checkpoint``, a randomly initialised model: ``{"model_type": "bert", "hidden_size": 256,
-            ...}`` (the keyword arguments of that model type's config class).
+            ...}`` (the keyword arguments of that model type's config class), or that mapping as YAML/JSON text.
         ignore_mismatched_sizes: load a checkpoint whose classification head has another number of classes (the
             head is then newly initialised).
         label_names: class names stored in the model's config (``id2label``).
@@ -191,7 +308,7 @@ class TransformerModule(ClassificationModule):
         self,
         num_classes: int,
         checkpoint: Optional[str] = None,
-        config: Optional[Dict[str, Any]] = None,
+        config: Optional[ModelConfig] = None,
         ignore_mismatched_sizes: bool = False,
         label_names: Optional[List[str]] = None,
         optimizer: OptimizerName = "adamw",

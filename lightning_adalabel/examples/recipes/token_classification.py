@@ -14,7 +14,7 @@ Face's ``run_ner.py``). Needs ``pip install "lightning-adalabel[transformers]"``
 """
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -25,9 +25,10 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_adalabel import AdaLabel, top_correlated_pairs
-from lightning_adalabel.examples.recipes.data import SplitDataModule
+from lightning_adalabel.examples.recipes.data import SameFieldCount, SplitDataModule, text_decoding_error
 from lightning_adalabel.examples.recipes.huggingface import (
     Batch,
+    ModelConfig,
     PadToLongest,
     TransformerModule,
     load_tokenizer,
@@ -48,27 +49,60 @@ Entity = Tuple[str, int, int]  # (type, first word, last word)
 
 def read_conll(path: str, tag_column: int = -1, encoding: str = "utf-8") -> List[Sentence]:
     """The sentences of a CoNLL file: each line's first column is the word, ``tag_column`` its tag; blank lines end
-    sentences and ``-DOCSTART-`` lines are skipped."""
+    sentences and ``-DOCSTART-`` lines are skipped. A byte-order mark at the start of the file is skipped.
+
+    Refused, in one line naming the line and the fix: text that does not decode as ``encoding``, a word without a
+    tag, a line without column ``tag_column``, a line with another number of columns than the first word's line,
+    and a file without sentences.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{os.path.abspath(path)} does not exist. Point `--data.root` at the folder of the CoNLL files and name"
             " them with `--data.train_file`, `--data.val_file` and `--data.test_file` (see docs/recipes.md)."
         )
+    with open(path, encoding=encoding) as file:
+        try:
+            sentences = _read_sentences(path, file, tag_column)
+        except UnicodeDecodeError:
+            raise text_decoding_error(
+                path, encoding, "Save the file as UTF-8, or give its encoding with `--data.encoding` (e.g. latin-1)."
+            ) from None
+    if not sentences:
+        raise ValueError(
+            f"{path} has no sentences. Fill it with one word and its tags per line and a blank line after each"
+            " sentence (see the CoNLL-2003 layout in docs/recipes.md), or name another file with `--data.*_file`."
+        )
+    return sentences
+
+
+def _read_sentences(path: str, lines: Iterable[str], tag_column: int) -> List[Sentence]:
     sentences: List[Sentence] = []
     words: List[str] = []
     tags: List[str] = []
-    with open(path, encoding=encoding) as file:
-        for line_number, line in enumerate(file, start=1):
-            columns = line.split()
-            if not columns or columns[0] == DOCUMENT_START:
-                if words:
-                    sentences.append((words, tags))
-                words, tags = [], []
-                continue
-            if len(columns) < 2:
-                raise ValueError(f"{path}, line {line_number}: expected a word and its tags, got {line.strip()!r}.")
-            words.append(columns[0])
-            tags.append(columns[tag_column])
+    columns_per_line = SameFieldCount(
+        path, "line", "columns", "Give every word the same tag columns (a tag is missing or a word holds a space)."
+    )
+    for line_number, line in enumerate(lines, start=1):
+        columns = line.lstrip("\ufeff").split() if line_number == 1 else line.split()
+        if not columns or columns[0] == DOCUMENT_START:
+            if words:
+                sentences.append((words, tags))
+            words, tags = [], []
+            continue
+        if len(columns) < 2:
+            raise ValueError(
+                f"{path}, line {line_number}: a word without tags ({line.strip()!r}). Each line is a word and its tags"
+                " separated by spaces; a blank line ends a sentence."
+            )
+        if not -len(columns) <= tag_column < len(columns):
+            raise ValueError(
+                f"{path}, line {line_number}: {len(columns)} columns ({line.strip()!r}), so no column"
+                f" `--data.tag_column {tag_column}`. Pick the tags' column (0 is the word, -1 the last) or fix the"
+                " line."
+            )
+        columns_per_line.check(line_number, len(columns), f" ({line.strip()!r})")
+        words.append(columns[0])
+        tags.append(columns[tag_column])
     if words:
         sentences.append((words, tags))
     return sentences
@@ -341,7 +375,8 @@ class TokenClassifier(TransformerModule):
     Args:
         tags: the tag of each class (default: CoNLL-2003's nine IOB2 tags); must equal the data's ``tags``.
         checkpoint: a Hugging Face Hub name (``bert-base-cased``) or a folder written by ``save_pretrained``.
-        config: instead of ``checkpoint``, a randomly initialised model, ``{"model_type": "bert", ...}``.
+        config: instead of ``checkpoint``, a randomly initialised model, ``{"model_type": "bert", ...}`` (or its
+            YAML/JSON text).
         report_confused_pairs: how many tag pairs to report after each epoch (0: none).
         **kwargs: ``ignore_mismatched_sizes`` and the optimizer and schedule settings of
             :class:`~lightning_adalabel.examples.recipes.huggingface.TransformerModule`.
@@ -353,7 +388,7 @@ class TokenClassifier(TransformerModule):
         self,
         tags: Optional[List[str]] = None,
         checkpoint: Optional[str] = None,
-        config: Optional[Dict[str, Any]] = None,
+        config: Optional[ModelConfig] = None,
         report_confused_pairs: int = 5,
         **kwargs: Any,
     ) -> None:

@@ -10,7 +10,13 @@ from typing import Any, Dict, Optional, Sequence
 
 from torch.utils.data import Dataset
 
-from lightning_adalabel.examples.recipes.huggingface import PadToLongest, TransformerModule, load_tokenizer, tokenizer_for
+from lightning_adalabel.examples.recipes.huggingface import (
+    ModelConfig,
+    PadToLongest,
+    TransformerModule,
+    load_tokenizer,
+    tokenizer_for,
+)
 from lightning_adalabel.examples.recipes.text import LabeledCSVDataModule
 
 class TokenizedTextDataset(Dataset):
@@ -88,7 +94,8 @@ class TransformerTextClassifier(TransformerModule):
         num_classes: K.
         checkpoint: a Hugging Face Hub name (``bert-base-uncased``, ``microsoft/deberta-v3-base``, ...) or a folder
             written by ``save_pretrained``.
-        config: instead of ``checkpoint``, a randomly initialised model, ``{"model_type": "bert", ...}``.
+        config: instead of ``checkpoint``, a randomly initialised model, ``{"model_type": "bert", ...}`` (or its
+            YAML/JSON text).
         **kwargs: ``ignore_mismatched_sizes``, ``label_names`` and the optimizer and schedule settings of
             :class:`~lightning_adalabel.examples.recipes.huggingface.TransformerModule`.
     """
@@ -99,7 +106,7 @@ class TransformerTextClassifier(TransformerModule):
         self,
         num_classes: int,
         checkpoint: Optional[str] = None,
-        config: Optional[Dict[str, Any]] = None,
+        config: Optional[ModelConfig] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes=num_classes, checkpoint=checkpoint, config=config, **kwargs)
