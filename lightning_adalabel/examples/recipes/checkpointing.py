@@ -78,7 +78,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         else:
             filepath = self.last_model_path = self._last_filepath(trainer, monitor_candidates)  # saved in the state
             same_step = self._last_checkpoint_saved if self._last_global_step_saved == trainer.global_step else ""
-            if not same_step or not os.path.isfile(same_step):
+            # Rank 0's view decides for every rank: saving is a collective call, linking is not.
+            if not trainer.strategy.broadcast(bool(same_step) and os.path.isfile(same_step)):
                 self._save_checkpoint(trainer, filepath)
             elif os.path.abspath(same_step) != os.path.abspath(filepath):  # this step's state is on disk: link it
                 if trainer.is_global_zero:
