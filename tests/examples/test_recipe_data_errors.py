@@ -106,8 +106,11 @@ def corrupt_jpeg() -> bytes:
 
 
 def imagenet_args(root: Path, out: Path) -> List[str]:
+    # One process without the recipe's DDP: a DDP run that fails in this process would leave its MASTER_PORT set in
+    # the environment, where a later DDP test's processes would find the port still taken.
     return [
-        "--config", "imagenet", *quick_trainer_args(out), "--trainer.precision", "32-true",
+        "--config", "imagenet", *quick_trainer_args(out),
+        "--trainer.strategy", "auto", "--trainer.precision", "32-true",
         "--data.train_root", str(root / "train"), "--data.val_root", str(root / "val"),
         "--model.arch", "resnet18", "--model.num_classes", "3", "--data.batch_size", "2", "--data.num_workers", "0",
         "--data.train_crop_size", "32", "--data.val_resize_size", "36", "--data.val_crop_size", "32",
