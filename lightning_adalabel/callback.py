@@ -169,6 +169,7 @@ class AdaLabel(pl.Callback):
         self.top_pairs = top_pairs
         self._label_matrix: Optional[Union[LabelMatrix, SparseLabelMatrix]] = None
         self._in_training_step = False
+        self._stage: Optional[str] = None
         self._start_fit()
         self._own_hand_over_file()
 
@@ -315,6 +316,7 @@ class AdaLabel(pl.Callback):
                 " one. To compare presets, train one model per preset, each with its own Trainer and AdaLabel."
             )
         pl_module._adalabel_callback = self
+        self._stage = stage  # what a checkpoint restored next is for (see load_state_dict)
         # A process forked for this fit (ddp_notebook) continues from the state the previous spawned fit left.
         self._collect_spawned_state()
         if stage == "fit":
@@ -499,6 +501,35 @@ class AdaLabel(pl.Callback):
                 f" a lightning_adalabel this one can read (versions 1 to {STATE_VERSION}). Resume with the version"
                 " that wrote it, or start a new run without `ckpt_path`."
             )
+        try:
+            self._check_same_settings(state_dict)
+        except ValueError as mismatch:
+            if self._stage in (None, "fit"):
+                raise
+            # validate/test/predict need the model's weights, not the label statistics: another AdaLabel setting is
+            # no reason to refuse the evaluation of a checkpoint.
+            rank_zero_warn(f"{mismatch} {self._stage.capitalize()} goes on with this callback's own settings and label"
+                           " matrix; the model's weights come from the checkpoint as usual.")
+            return
+        saved = state_dict["label_matrix"]
+        if saved is not None:
+            num_classes = saved.get("num_classes") if isinstance(saved, dict) else None
+            check_int("the checkpoint's num_classes", num_classes, minimum=2)
+            check_class_names(self.class_names, num_classes)
+            device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
+            with torch.inference_mode(False):  # restored by validate/test too: training adds to these tensors
+                restored = self._new_engine(num_classes, device)
+                restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
+        self._label_matrix = None if saved is None else restored
+        self._last_refresh_step = state_dict["last_refresh_step"]
+        self._statistics_epoch = state_dict["statistics_epoch"]
+        # Restored mid-fit (the tuner's finders roll the run back after their trial steps, with this callback
+        # switched off): what those steps queued or checked belongs to steps that no longer happened.
+        self._pending = []
+        self._first_batch_checked = self._loss_seen_in_training = False
+
+    def _check_same_settings(self, state_dict: Dict[str, Any]) -> None:
+        """Raise a ValueError naming what differs unless the state was written with this callback's settings."""
         # A state from before a setting existed was written with its default.
         saved_config = {**_CONFIG_DEFAULTS, **state_dict["config"]} if isinstance(state_dict["config"], dict) else None
         if state_dict["preset"] != self.preset_name or saved_config != self.preset.__dict__:
@@ -519,26 +550,12 @@ class AdaLabel(pl.Callback):
                 f" has top_k={self.top_k!r}. Resume with the same AdaLabel settings, or start a new run."
             )
         saved = state_dict["label_matrix"]
-        if saved is not None:
-            num_classes = saved.get("num_classes") if isinstance(saved, dict) else None
-            if self.num_classes is not None and num_classes != self.num_classes:
-                raise ValueError(
-                    f"This checkpoint's label matrix has {num_classes} classes but AdaLabel(num_classes="
-                    f"{self.num_classes}). Resume with the model and num_classes the checkpoint was trained with."
-                )
-            check_int("the checkpoint's num_classes", num_classes, minimum=2)
-            check_class_names(self.class_names, num_classes)
-            device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
-            with torch.inference_mode(False):  # restored by validate/test too: training adds to these tensors
-                restored = self._new_engine(num_classes, device)
-                restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
-        self._label_matrix = None if saved is None else restored
-        self._last_refresh_step = state_dict["last_refresh_step"]
-        self._statistics_epoch = state_dict["statistics_epoch"]
-        # Restored mid-fit (the tuner's finders roll the run back after their trial steps, with this callback
-        # switched off): what those steps queued or checked belongs to steps that no longer happened.
-        self._pending = []
-        self._first_batch_checked = self._loss_seen_in_training = False
+        num_classes = saved.get("num_classes") if isinstance(saved, dict) else None
+        if saved is not None and self.num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(
+                f"This checkpoint's label matrix has {num_classes} classes but AdaLabel(num_classes="
+                f"{self.num_classes}). Resume with the model and num_classes the checkpoint was trained with."
+            )
 
     def _collect_spawned_state(self) -> None:
         """Take over the state that rank 0 of a ddp_spawn/ddp_notebook fit left (in the launching process, or in
@@ -563,6 +580,7 @@ class AdaLabel(pl.Callback):
         self.__dict__.update(state)
         self.__dict__.setdefault("_in_training_step", False)  # pickled before these existed
         self.__dict__.setdefault("_loss_seen_without_grad", False)
+        self.__dict__.setdefault("_stage", None)
         # Unpickled in the process that owns the original, this is a copy (copy.deepcopy, a sweep's clones), not the
         # callback of a ddp_spawn child: it hands its state over through a file of its own.
         if os.getpid() == state.get("_owner_pid"):

@@ -520,3 +520,17 @@ def test_ddp_notebook_hands_the_learned_q_back(monkeypatch):
     fit(adalabel, devices=2, strategy="ddp_notebook", max_epochs=2)
     assert adalabel.label_matrix.num_refreshes == 2
     assert not torch.equal(adalabel.label_matrix.matrix, initial_label_matrix(K))
+
+
+def test_evaluating_a_checkpoint_with_other_adalabel_settings_warns_where_resuming_refuses(tmp_path):
+    trainer, model = fit(AdaLabel(), Evaluated())
+    trainer.save_checkpoint(tmp_path / "alr.ckpt")
+    other = AdaLabel(preset="ols")
+    evaluation = L.Trainer(**trainer_kwargs(callbacks=[other]))
+    with pytest.warns(UserWarning, match="written by preset 'alr' with other settings: preset='alr' .* Test goes on"):
+        evaluation.test(Evaluated(), make_loader(), ckpt_path=tmp_path / "alr.ckpt")
+    with pytest.warns(UserWarning, match="Predict goes on with this callback's own settings"):
+        evaluation.predict(Evaluated(), make_loader(), ckpt_path=tmp_path / "alr.ckpt")
+    assert other.label_matrix.num_refreshes == 0  # its own, not the checkpoint's
+    with pytest.raises(ValueError, match="written by preset 'alr' with other settings"):
+        fit(AdaLabel(preset="ols"), Evaluated(), ckpt_path=str(tmp_path / "alr.ckpt"), max_epochs=2)
