@@ -4,10 +4,7 @@ import itertools
 import math
 import os
 import sys
-import tempfile
-import uuid
-import weakref
-from dataclasses import MISSING, fields
+from dataclasses import replace
 from typing import Any, Dict, List, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -16,6 +13,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_adalabel.engine import LabelMatrixEngine
+from lightning_adalabel.engine_factory import check_engine_options, new_engine
+from lightning_adalabel.hand_over import HandOverFile
 from lightning_adalabel.inputs import (
     _arg_validation,
     _format,
@@ -24,12 +24,11 @@ from lightning_adalabel.inputs import (
     count_unusable_logits,
     invalid_targets_message,
 )
-from lightning_adalabel.label_matrix import BatchStatistics, LabelMatrix, statistic_totals
-from lightning_adalabel.label_matrix_logging import log_label_matrix
-from lightning_adalabel.losses import _reduced_loss
+from lightning_adalabel.label_matrix_logging import log_heatmap_and_pairs
 from lightning_adalabel.module import AdaLabelMixin
-from lightning_adalabel.presets import Preset, resolve_preset
-from lightning_adalabel.sparse_label_matrix import SparseBatchStatistics, SparseLabelMatrix
+from lightning_adalabel.presets import PRESETS, Preset, resolve_preset
+from lightning_adalabel.state_versions import CALLBACK_STATE_VERSION, read_callback_state
+from lightning_adalabel.statistics import statistic_totals
 from lightning_adalabel.validation import (
     REDUCTIONS,
     check_bool,
@@ -37,6 +36,7 @@ from lightning_adalabel.validation import (
     check_class_names,
     check_int,
     validate_label_matrix,
+    warn_deprecated,
 )
 
 PresetName = Literal["alr", "ols", "ols_official", "label_smoothing", "fixed", "none"]
@@ -47,14 +47,8 @@ Prior = Literal["uniform", "previous"]
 Start = Literal["uniform", "zeros"]
 EmptyRows = Literal["keep", "uniform"]
 
-# A state written before a preset field existed was written with the field's default.
-_CONFIG_DEFAULTS = {field.name: field.default for field in fields(Preset) if field.default is not MISSING}
-
 # Distinct state keys for Lightning's duplicate check only (see AdaLabel.state_key).
 _validation_keys = itertools.count()
-
-# Version of AdaLabel.state_dict's layout. 1: lightning_adalabel 0.1.0 (no "version" key).
-STATE_VERSION = 2
 
 
 class AdaLabel(pl.Callback):
@@ -68,8 +62,9 @@ class AdaLabel(pl.Callback):
 
     Args:
         preset: ``"alr"`` (default), ``"ols"`` (Online Label Smoothing), ``"ols_official"`` (OLS as its official
-            code runs it), ``"label_smoothing"``, ``"fixed"`` or ``"none"`` (plain cross-entropy); see
-            :data:`~lightning_adalabel.PRESETS`. The arguments below override it.
+            code runs it), ``"label_smoothing"``, ``"fixed"`` or ``"none"`` (plain cross-entropy), see
+            :data:`~lightning_adalabel.PRESETS`; or a :class:`~lightning_adalabel.Preset` of your own. The
+            arguments below override it.
         num_classes: K; inferred from the first batch's logits when ``None``.
         alpha: weight of the soft part of the loss.
         samples: which samples feed the statistics: ``"misclassified"``, ``"all"``, ``"correct"`` or ``"none"``.
@@ -96,15 +91,15 @@ class AdaLabel(pl.Callback):
         class_names: names for the heatmap's axes and the pairs (default: class indices).
         top_pairs: how many of the largest off-diagonal entries of Q to log.
         top_k: keep only the ``top_k`` largest entries of each row of Q (plus a uniform remainder) and bounded
-            statistics, for label sets too large for a ``K x K`` matrix (see
-            :class:`~lightning_adalabel.sparse_label_matrix.SparseLabelMatrix`); ``None`` (default): the dense Q.
-            ``label_matrix.to_dense()`` gives Q as a matrix (small K only); the heatmap is logged up to
-            K = 64, the top pairs at any K.
+            statistics, for label sets too large for a ``K x K`` matrix (the sparse engine,
+            :mod:`lightning_adalabel.sparse_label_matrix`); ``None`` (default): the dense Q
+            (:mod:`lightning_adalabel.label_matrix`). Either way :attr:`engine` answers the same
+            calls; ``engine.to_dense()`` is Q as a ``K x K`` tensor (with ``top_k``, for small K only); the heatmap
+            is logged up to K = 64 with ``top_k``, the top pairs at any K.
         compile_loss: compute each training batch's loss and statistics as one ``torch.compile``'d graph (a C++
             compiler on the CPU, Triton on a GPU): the same values, for a compilation of seconds on the first batch.
-            It pays where the eager cost is the number of operations, not their arithmetic (on a 2-core CPU a batch
-            of 256 took 0.21 instead of 0.32 ms at K=10, 0.59 instead of 0.74 at K=1000). See
-            :mod:`lightning_adalabel.compiled_loss`.
+            It pays where the eager cost is the number of operations, not their arithmetic (measured in
+            ``docs/benchmarks.md``). See :mod:`lightning_adalabel.compiled_loss`.
 
     Example::
 
@@ -115,7 +110,7 @@ class AdaLabel(pl.Callback):
 
     def __init__(
         self,
-        preset: PresetName = "alr",
+        preset: Union[PresetName, Preset] = "alr",
         num_classes: Optional[int] = None,
         alpha: Optional[float] = None,
         samples: Optional[SamplePolicy] = None,
@@ -136,7 +131,6 @@ class AdaLabel(pl.Callback):
         top_k: Optional[int] = None,
         compile_loss: bool = False,
     ) -> None:
-        check_choice("preset", preset, PresetName.__args__)  # type: ignore[attr-defined]
         check_int("num_classes", num_classes, minimum=2, allow_none=True, hint=" (None: inferred from the logits)")
         check_int("refresh_every_n_steps", refresh_every_n_steps, minimum=1, allow_none=True,
                   hint=" (None: refresh at each training epoch's end)")
@@ -146,20 +140,14 @@ class AdaLabel(pl.Callback):
         check_int("top_pairs", top_pairs, minimum=0)
         check_int("top_k", top_k, minimum=1, allow_none=True, hint=" (None: the dense K x K label matrix)")
         _arg_validation(ignore_index, "mean")
-        self.preset_name = preset
-        self.preset: Preset = resolve_preset(
-            preset, alpha=alpha, samples=samples, estimator=estimator, momentum=momentum, loss=loss,
-            include_diagonal=include_diagonal, prior=prior, prior_strength=prior_strength, start=start,
-            empty_rows=empty_rows,
-        )
+        overrides = dict(alpha=alpha, samples=samples, estimator=estimator, momentum=momentum, loss=loss,
+                         include_diagonal=include_diagonal, prior=prior, prior_strength=prior_strength, start=start,
+                         empty_rows=empty_rows)
+        self.preset_name, self.preset = _resolve(preset, overrides)
         self.num_classes = num_classes
         self.top_k = top_k
         self.compile_loss = compile_loss
-        if top_k is not None and (initial_matrix is not None or self.preset.estimator == "geometric"):
-            raise ValueError(
-                "AdaLabel(top_k=...) keeps a sparse label matrix: it takes neither `initial_matrix` (a dense K x K"
-                " matrix) nor the 'geometric' estimator. Use top_k=None for those."
-            )
+        check_engine_options(self.preset.engine_settings(), top_k, initial_matrix)
         self.refresh_every_n_steps = refresh_every_n_steps
         self.ignore_index = ignore_index
         self.initial_matrix = self._initial_matrix(initial_matrix)
@@ -167,18 +155,12 @@ class AdaLabel(pl.Callback):
         self.class_names = None if class_names is None else [str(name) for name in class_names]
         check_class_names(self.class_names, self.num_classes)
         self.top_pairs = top_pairs
-        self._label_matrix: Optional[Union[LabelMatrix, SparseLabelMatrix]] = None
+        self._engine: Optional[LabelMatrixEngine] = None
         self._in_training_step = False
         self._stage: Optional[str] = None
         self._start_fit()
-        self._own_hand_over_file()
-
-    def _own_hand_over_file(self) -> None:
-        """ddp_spawn / ddp_notebook train in child processes: rank 0 leaves its state in this file for the callback
-        in the launching process (see `label_matrix`). Every callback, copies included, has its own."""
-        self._owner_pid = os.getpid()
-        self._spawned_state_path = os.path.join(tempfile.gettempdir(), f"lightning_adalabel-{uuid.uuid4().hex}.pt")
-        weakref.finalize(self, _remove_owned_file, self._spawned_state_path, self._owner_pid)
+        # ddp_spawn / ddp_notebook train in child processes: rank 0 leaves its state there for this callback.
+        self._hand_over = HandOverFile()
 
     def _initial_matrix(self, initial_matrix: Union[Tensor, str, "os.PathLike[str]", None]) -> Optional[Tensor]:
         if initial_matrix is None:
@@ -198,57 +180,58 @@ class AdaLabel(pl.Callback):
     def _start_fit(self) -> None:
         """Per-fit state: every fit starts with empty statistics and its own refresh schedule (a checkpoint that is
         resumed from restores them after this, in ``load_state_dict``)."""
-        self._pending: List[Union[BatchStatistics, SparseBatchStatistics]] = []
+        self._pending: List[Any] = []  # the statistics of this step's losses, for the engine to add
         self._first_batch_checked = False
         self._loss_seen_in_training = False
         self._loss_seen_without_grad = False
         self._last_refresh_step = 0
         # The epoch whose statistics wait for its end-of-epoch refresh (None: nothing waits).
         self._statistics_epoch: Optional[int] = None
-        if self._label_matrix is not None:
-            self._label_matrix.reset_statistics()
+        if self._engine is not None:
+            self._engine.reset_statistics()
 
     @property
-    def label_matrix(self) -> Optional[Union[LabelMatrix, SparseLabelMatrix]]:
-        """The engine: ``label_matrix.matrix`` is Q (``to_dense()`` with ``top_k``). ``None`` until the first batch (or
+    def engine(self) -> Optional[LabelMatrixEngine]:
+        """The engine that holds Q and its statistics (:class:`~lightning_adalabel.engine.LabelMatrixEngine`):
+        ``engine.to_dense()`` is Q, ``engine.rows(classes)`` its soft labels. ``None`` until the first batch (or a
         checkpoint) sets K."""
         self._collect_spawned_state()
-        return self._label_matrix
+        return self._engine
 
-    @label_matrix.setter
-    def label_matrix(self, value: Optional[Union[LabelMatrix, SparseLabelMatrix]]) -> None:
-        self._label_matrix = value
+    @engine.setter
+    def engine(self, value: Optional[LabelMatrixEngine]) -> None:
+        self._engine = value
+
+    @property
+    def label_matrix(self) -> Optional[LabelMatrixEngine]:
+        """Deprecated name of :attr:`engine`."""
+        warn_deprecated("AdaLabel.label_matrix", "AdaLabel.engine (and engine.to_dense() for Q)")
+        return self.engine
 
     # ---- the loss side, called by AdaLabelMixin.adalabel_loss -------------------------------------------------
 
     def loss(self, pl_module: "pl.LightningModule", logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
         """The configured loss for a batch; during training, the batch is also queued for the statistics."""
         check_choice("reduction", reduction, REDUCTIONS)  # ignore_index was checked once, in __init__
-        label_matrix = self._label_matrix_for(logits, target)
+        engine = self._engine_for(logits, target)
         # A training loss is one computed in the Trainer's training step, with gradients on (a loss under no_grad is
         # not trained on): the Trainer's state, not `pl_module.training`, which a module in eval mode (linear
         # probing, frozen BatchNorm) turns off while it trains. Each call counts (two heads: two samples a position).
         training = self._in_training_step and torch.is_grad_enabled()
         self._loss_seen_without_grad |= self._in_training_step and not training
-        if training and not self._first_batch_checked:
+        if not training:
+            return engine.loss_only(logits, target, self.ignore_index, self.preset.loss, self.preset.alpha, reduction)
+        if not self._first_batch_checked:
             self._check_first_batch(logits, target)  # reads values: once per fit, on the first training batch
             self._first_batch_checked = True
-        if training and self.preset.loss != "ce":
-            # The statistics come from the loss's own softmax. Only queued: on_train_batch_end adds them. That keeps
-            # the loss a pure function (no in-place update inside a user's compiled or autocast region), and counts a
-            # batch only once its training step has completed.
-            value, statistics = label_matrix._loss_and_statistics(
-                logits, target, self.ignore_index, self.preset.loss, self.preset.alpha, reduction
-            )
-            self._pending.append(statistics)
-            return value
-        batch = _format(logits, target, self.ignore_index)
-        if training:
-            self._pending.append(label_matrix.batch_statistics(batch))
-        if isinstance(label_matrix, SparseLabelMatrix):
-            return label_matrix.reduced_loss(batch, self.preset.loss, self.preset.alpha, reduction)
-        return _reduced_loss(logits, target, batch, label_matrix.matrix, self.preset.loss, self.preset.alpha,
-                             self.ignore_index, reduction)
+        # The statistics come from the loss's own softmax where they can. Only queued: on_train_batch_end adds them.
+        # That keeps the loss a pure function (no in-place update inside a user's compiled or autocast region), and
+        # counts a batch only once its training step has completed.
+        value, statistics = engine.loss_and_statistics(
+            logits, target, self.ignore_index, self.preset.loss, self.preset.alpha, reduction
+        )
+        self._pending.append(statistics)
+        return value
 
     def _check_first_batch(self, logits: Tensor, target: Tensor) -> None:
         """Invalid targets are refused at once (later ones at the next refresh); NaN or +inf logits are told at once
@@ -263,8 +246,8 @@ class AdaLabel(pl.Callback):
                 " initialisation."
             )
 
-    def _label_matrix_for(self, logits: Tensor, target: Tensor) -> Union[LabelMatrix, SparseLabelMatrix]:
-        known = self._label_matrix.num_classes if self._label_matrix is not None else self.num_classes
+    def _engine_for(self, logits: Tensor, target: Tensor) -> LabelMatrixEngine:
+        known = self._engine.num_classes if self._engine is not None else self.num_classes
         if known is None and logits.ndim >= 2 and logits.shape[1] < 2:
             raise ValueError(
                 f"The logits have shape {tuple(logits.shape)}: {logits.shape[1]} class on dim 1. A label matrix needs"
@@ -274,20 +257,17 @@ class AdaLabel(pl.Callback):
         _tensor_validation(logits, target, known)
         # Created or moved in validate/test/predict, these must not be inference tensors: training adds to them.
         with torch.inference_mode(False):
-            if self._label_matrix is None:
+            if self._engine is None:
                 num_classes = logits.shape[1]
                 check_class_names(self.class_names, num_classes)
-                self._label_matrix = self._new_engine(num_classes, logits.device)
-            if self._label_matrix.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
-                self._label_matrix.to(logits.device)
-        return self._label_matrix
+                self._engine = self._new_engine(num_classes, logits.device)
+            if self._engine.device != logits.device:  # e.g. restored from a checkpoint, which loads on the CPU
+                self._engine.to(logits.device)
+        return self._engine
 
-    def _new_engine(self, num_classes: int, device: Union[str, torch.device]) -> Union[LabelMatrix, SparseLabelMatrix]:
-        settings: Dict[str, Any] = self.preset.engine_settings()
-        if self.top_k is not None:
-            return SparseLabelMatrix(num_classes, self.top_k, device=device, compile_loss=self.compile_loss, **settings)
-        return LabelMatrix(num_classes, device=device, initial_matrix=self.initial_matrix,
-                           compile_loss=self.compile_loss, **settings)
+    def _new_engine(self, num_classes: int, device: Union[str, torch.device]) -> LabelMatrixEngine:
+        return new_engine(num_classes, self.preset.engine_settings(), self.top_k, self.initial_matrix, device,
+                          self.compile_loss)
 
     # ---- hooks -------------------------------------------------------------------------------------------------
 
@@ -326,8 +306,8 @@ class AdaLabel(pl.Callback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # A restored label matrix arrives on the CPU; it must be on the module's device before a refresh can
         # all-reduce it (NCCL refuses CPU tensors), which may happen before the first loss moves it.
-        if self._label_matrix is not None:
-            self._label_matrix.to(pl_module.device)
+        if self._engine is not None:
+            self._engine.to(pl_module.device)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -389,7 +369,7 @@ class AdaLabel(pl.Callback):
             # optimization) proves nothing yet: _refresh checks that some step of the fit called adalabel_loss.
             raise RuntimeError(self._no_adalabel_loss_message(pl_module))
         for statistics in pending:  # one entry per adalabel_loss call of this step, usually one
-            self._label_matrix.add(statistics)  # type: ignore[union-attr]
+            self._engine.add(statistics)  # type: ignore[union-attr]
         if self.refresh_every_n_steps is None:
             self._statistics_epoch = trainer.current_epoch
         else:
@@ -429,32 +409,27 @@ class AdaLabel(pl.Callback):
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        spawned = os.getpid() != self._owner_pid
-        if spawned and stage == "fit" and trainer.global_rank == 0 and self._label_matrix is not None:
-            torch.save(_to_cpu(self.state_dict()), self._spawned_state_path)
+        spawned = not self._hand_over.in_owner
+        if spawned and stage == "fit" and trainer.global_rank == 0 and self._engine is not None:
+            self._hand_over.leave(self.state_dict())
 
     def _refresh(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", on_step: bool) -> None:
         self._last_refresh_step = trainer.global_step
         self._statistics_epoch = None
-        label_matrix = self._label_matrix
-        if label_matrix is None:
+        engine = self._engine
+        if engine is None:
             # Training steps ran (a refresh is only due after one) and none called adalabel_loss, e.g. every step
             # returned None or optimised manually with another loss.
             raise RuntimeError(self._no_adalabel_loss_message(pl_module))
-        if isinstance(label_matrix, SparseLabelMatrix):
-            # An all-gather of fixed-size buffers, merged identically on every rank (see sparse_label_matrix.py).
-            stats = label_matrix.refresh(gather=trainer.strategy.all_gather)
-            entropy = label_matrix.mean_entropy()
-        else:
-            stats = label_matrix.refresh(reduce=lambda tensor: trainer.strategy.reduce(tensor, reduce_op="sum"))
-            entropy = torch.special.entr(label_matrix.matrix).sum(dim=1).mean()
-        counted, seen, nonfinite, invalid = statistic_totals(stats)
+        tallies = engine.refresh(_StrategyCollective(trainer.strategy))
+        entropy = engine.mean_entropy()
+        counted, seen, nonfinite, invalid = statistic_totals(tallies)
         # One host sync per refresh, never per batch. Every rank reads the same all-reduced totals, so every rank
         # raises together below (none is left waiting in a collective).
         summary = torch.stack([entropy, counted / seen.clamp_min(1.0), nonfinite, invalid, seen]).tolist()
         if summary[3] > 0:
             raise ValueError(invalid_targets_message(
-                int(summary[3]), int(summary[3] + summary[4]), None, label_matrix.num_classes, self.ignore_index
+                int(summary[3]), int(summary[3] + summary[4]), None, engine.num_classes, self.ignore_index
             ))
         if summary[4] == 0 and not self._loss_seen_in_training:  # the engine may come from validation alone
             raise RuntimeError(self._no_adalabel_loss_message(pl_module))
@@ -466,8 +441,7 @@ class AdaLabel(pl.Callback):
             batch_size=1,
         )
         if self.log_label_matrix:  # heatmap and top class pairs of the new Q, written by global rank 0 only
-            matrix = label_matrix if isinstance(label_matrix, SparseLabelMatrix) else label_matrix.matrix
-            log_label_matrix(trainer, matrix, self.class_names, self.top_pairs)
+            log_heatmap_and_pairs(trainer, engine, self.class_names, self.top_pairs)
         if summary[2] > 0:
             rank_zero_warn(
                 f"AdaLabel left {int(summary[2])} training samples out of the label statistics because their logits"
@@ -479,12 +453,12 @@ class AdaLabel(pl.Callback):
 
     @override
     def state_dict(self) -> Dict[str, Any]:
-        label_matrix = self.label_matrix
-        return {
-            "version": STATE_VERSION,
+        engine = self.engine
+        return {  # the format and its versions: lightning_adalabel.state_versions
+            "version": CALLBACK_STATE_VERSION,
             "preset": self.preset_name,
             "config": self.preset.__dict__.copy(),
-            "label_matrix": None if label_matrix is None else label_matrix.state_dict(),
+            "label_matrix": None if engine is None else engine.state_dict(),  # the engine's state, under its 0.1 name
             "last_refresh_step": self._last_refresh_step,
             "statistics_epoch": self._statistics_epoch,
             "top_k": self.top_k,
@@ -492,17 +466,9 @@ class AdaLabel(pl.Callback):
 
     @override
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        missing = [key for key in ("preset", "config", "label_matrix", "last_refresh_step", "statistics_epoch")
-                   if key not in state_dict]
-        version = state_dict.get("version", 1)
-        if missing or version not in (1, STATE_VERSION):
-            raise ValueError(
-                f"This checkpoint's AdaLabel state (format version {version!r}, missing {missing}) was not written by"
-                f" a lightning_adalabel this one can read (versions 1 to {STATE_VERSION}). Resume with the version"
-                " that wrote it, or start a new run without `ckpt_path`."
-            )
+        saved = read_callback_state(state_dict)
         try:
-            self._check_same_settings(state_dict)
+            self._check_saved_settings(saved)
         except ValueError as mismatch:
             if self._stage in (None, "fit"):
                 raise
@@ -511,47 +477,46 @@ class AdaLabel(pl.Callback):
             rank_zero_warn(f"{mismatch} {self._stage.capitalize()} goes on with this callback's own settings and label"
                            " matrix; the model's weights come from the checkpoint as usual.")
             return
-        saved = state_dict["label_matrix"]
-        if saved is not None:
-            num_classes = saved.get("num_classes") if isinstance(saved, dict) else None
+        engine_state = saved["label_matrix"]
+        if engine_state is not None:
+            num_classes = engine_state.get("num_classes") if isinstance(engine_state, dict) else None
             check_int("the checkpoint's num_classes", num_classes, minimum=2)
             check_class_names(self.class_names, num_classes)
-            device = self._label_matrix.device if self._label_matrix is not None else torch.device("cpu")
+            device = self._engine.device if self._engine is not None else torch.device("cpu")
             with torch.inference_mode(False):  # restored by validate/test too: training adds to these tensors
                 restored = self._new_engine(num_classes, device)
-                restored.load_state_dict(saved)  # validates shapes and values before anything is replaced
-        self._label_matrix = None if saved is None else restored
-        self._last_refresh_step = state_dict["last_refresh_step"]
-        self._statistics_epoch = state_dict["statistics_epoch"]
+                restored.load_state_dict(engine_state)  # validates shapes and values before anything is replaced
+        self._engine = None if engine_state is None else restored
+        self._last_refresh_step = saved["last_refresh_step"]
+        self._statistics_epoch = saved["statistics_epoch"]
         # Restored mid-fit (the tuner's finders roll the run back after their trial steps, with this callback
         # switched off): what those steps queued or checked belongs to steps that no longer happened.
         self._pending = []
         self._first_batch_checked = self._loss_seen_in_training = False
 
-    def _check_same_settings(self, state_dict: Dict[str, Any]) -> None:
-        """Raise a ValueError naming what differs unless the state was written with this callback's settings."""
-        # A state from before a setting existed was written with its default.
-        saved_config = {**_CONFIG_DEFAULTS, **state_dict["config"]} if isinstance(state_dict["config"], dict) else None
-        if state_dict["preset"] != self.preset_name or saved_config != self.preset.__dict__:
-            saved_settings = {"preset": state_dict["preset"], **(saved_config or {})}
+    def _check_saved_settings(self, saved: Dict[str, Any]) -> None:
+        """Raise a ValueError naming what differs unless the state (read by
+        :func:`~lightning_adalabel.state_versions.read_callback_state`) was written with this callback's settings."""
+        if saved["preset"] != self.preset_name or saved["config"] != self.preset.__dict__:
+            saved_settings = {"preset": saved["preset"], **saved["config"]}
             settings = {"preset": self.preset_name, **self.preset.__dict__}
             differences = ", ".join(
                 f"{key}={saved_settings.get(key)!r} (the callback has {value!r})"
                 for key, value in settings.items() if saved_settings.get(key) != value
             )
             raise ValueError(
-                f"This checkpoint's AdaLabel state was written by preset {state_dict['preset']!r} with other settings:"
+                f"This checkpoint's AdaLabel state was written by preset {saved['preset']!r} with other settings:"
                 f" {differences}. Resume with the AdaLabel settings the checkpoint was written with, or start a new"
                 " run without `ckpt_path`."
             )
-        if state_dict.get("top_k") != self.top_k:  # a state from before top_k existed was dense (None)
+        if saved["top_k"] != self.top_k:
             raise ValueError(
-                f"This checkpoint's AdaLabel state was written with top_k={state_dict.get('top_k')!r}, but the callback"
+                f"This checkpoint's AdaLabel state was written with top_k={saved['top_k']!r}, but the callback"
                 f" has top_k={self.top_k!r}. Resume with the same AdaLabel settings, or start a new run."
             )
-        saved = state_dict["label_matrix"]
-        num_classes = saved.get("num_classes") if isinstance(saved, dict) else None
-        if saved is not None and self.num_classes is not None and num_classes != self.num_classes:
+        engine_state = saved["label_matrix"]
+        num_classes = engine_state.get("num_classes") if isinstance(engine_state, dict) else None
+        if engine_state is not None and self.num_classes is not None and num_classes != self.num_classes:
             raise ValueError(
                 f"This checkpoint's label matrix has {num_classes} classes but AdaLabel(num_classes="
                 f"{self.num_classes}). Resume with the model and num_classes the checkpoint was trained with."
@@ -559,14 +524,10 @@ class AdaLabel(pl.Callback):
 
     def _collect_spawned_state(self) -> None:
         """Take over the state that rank 0 of a ddp_spawn/ddp_notebook fit left (in the launching process, or in
-        the processes of the next such fit); only the launching process deletes the file."""
-        try:
-            state = torch.load(self._spawned_state_path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            return
-        if os.getpid() == self._owner_pid:
-            os.remove(self._spawned_state_path)
-        self.load_state_dict(state)
+        the processes of the next such fit)."""
+        state = self._hand_over.take()
+        if state is not None:
+            self.load_state_dict(state)
 
     def __getstate__(self) -> Dict[str, Any]:
         # Pickled for the processes of a ddp_spawn fit: bring along what the previous spawned fit learned.
@@ -583,8 +544,33 @@ class AdaLabel(pl.Callback):
         self.__dict__.setdefault("_stage", None)
         # Unpickled in the process that owns the original, this is a copy (copy.deepcopy, a sweep's clones), not the
         # callback of a ddp_spawn child: it hands its state over through a file of its own.
-        if os.getpid() == state.get("_owner_pid"):
-            self._own_hand_over_file()
+        hand_over = self.__dict__.get("_hand_over")
+        if hand_over is None or hand_over.in_owner:
+            self._hand_over = HandOverFile()
+
+
+class _StrategyCollective:
+    """The refresh's :class:`~lightning_adalabel.engine.Collective` through the Trainer's strategy (DDP, FSDP, a
+    single device, ...): each engine calls one of these once per refresh."""
+
+    def __init__(self, strategy: "pl.strategies.Strategy") -> None:
+        self.strategy = strategy
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        return self.strategy.reduce(tensor, reduce_op="sum")
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        return self.strategy.all_gather(tensor)
+
+
+def _resolve(preset: Union[str, Preset], overrides: Dict[str, Any]) -> "tuple[str, Preset]":
+    """``(name, preset)`` of ``AdaLabel(preset=...)`` with its overrides applied: a name of :data:`PRESETS`, or a
+    :class:`Preset` (named after the entry of :data:`PRESETS` it equals, ``"custom"`` otherwise)."""
+    if isinstance(preset, Preset):
+        name = next((key for key, value in PRESETS.items() if value == preset), "custom")
+        return name, replace(preset, **{key: value for key, value in overrides.items() if value is not None})
+    check_choice("preset", preset, PresetName.__args__)  # type: ignore[attr-defined]
+    return preset, resolve_preset(preset, **overrides)
 
 
 def _ran_to_the_end_of_its_data(trainer: "pl.Trainer") -> bool:
@@ -592,17 +578,3 @@ def _ran_to_the_end_of_its_data(trainer: "pl.Trainer") -> bool:
     being cut short by max_steps, max_time or `trainer.should_stop`."""
     progress = trainer.fit_loop.epoch_loop.batch_progress
     return bool(progress.is_last_batch) or progress.current.ready >= trainer.num_training_batches
-
-
-def _remove_owned_file(path: str, owner_pid: int) -> None:
-    """Delete a hand-over file nobody read, when the callback that owns it goes away (never from a child)."""
-    if os.getpid() == owner_pid and os.path.exists(path):
-        os.remove(path)
-
-
-def _to_cpu(state: Any) -> Any:
-    if isinstance(state, Tensor):
-        return state.cpu()
-    if isinstance(state, dict):
-        return {key: _to_cpu(value) for key, value in state.items()}
-    return state

@@ -1,4 +1,4 @@
-"""ALR's losses and statistics from one softmax of the logits, with a hand-written gradient.
+"""ALR's losses and statistics from one softmax of the logits, with a hand-written gradient, for both engines.
 
 The loss, its gradient and the statistic all derive from one probability row ``P`` per sample:
 
@@ -12,9 +12,16 @@ The loss, its gradient and the statistic all derive from one probability row ``P
 
 ``P`` is also the statistic the engine accumulates (the ``mean`` estimator's ``p_res``, or ``p`` with the
 diagonal), so the callback does not compute a second softmax after the step. Everything is a handful of
-vectorised ops on the logits' device, float32 at least, with no host sync. The straightforward implementation
-in :mod:`lightning_adalabel.losses` (``_straightforward_per_sample``) stays as the reference the tests compare
-this one against; it also serves what this one does not cover (probability targets).
+vectorised ops on the logits' device, float32 at least, with no host sync.
+
+Two ``autograd.Function``'s share these formulas (:func:`_probabilities` and :func:`_hard_part`, the one softmax and
+the hard label's part)
+and differ in how they read ``Q[y]``: :class:`_SoftLabelCrossEntropy` gathers the dense row, and
+:class:`_SparseSoftLabelCrossEntropy` its ``top_k`` entries plus a uniform remainder ``r_y`` spread over the allowed
+classes (see :mod:`lightning_adalabel.sparse_label_matrix`); both losses are linear in the row, so the remainder needs
+only the logits' sum. The term-by-term implementations in :mod:`lightning_adalabel.losses`
+(``_straightforward_per_sample``, ``sparse_loss_per_sample``) stay as the references the tests compare these against;
+they also serve what these do not cover (probability targets).
 """
 
 from typing import Any, Optional, Tuple, Union
@@ -25,11 +32,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lightning_adalabel.inputs import ClassificationBatch
+from lightning_adalabel.statistics import _counted, _tallies
 
-# Below this many classes a softmax written out (max, exp, sum, divide) beats torch's CPU softmax kernel,
-# which is tuned for long rows (measured on a 2-core CPU: 12 us against 45 us at K=10, 0.28 ms against 0.15 ms
-# at K=1000, B=256). Compiled (compile_loss=True), the written-out form is always the faster: inductor fuses it,
-# while torch's softmax and the logsumexp read back from it cost one more pass (0.20 against 0.24 ms at K=1000).
+# Below this many classes a softmax written out (max, exp, sum, divide) beats torch's CPU softmax kernel, which is
+# tuned for long rows. Compiled (compile_loss=True), the written-out form is always the faster: inductor fuses it,
+# while torch's softmax and the logsumexp read back from it cost one more pass. (Measured: docs/benchmarks.md.)
 _SMALL_NUM_CLASSES = 64
 
 
@@ -44,6 +51,21 @@ def _softmax_and_logsumexp(logits: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     probs = logits.softmax(dim=1)
     # The kernel's largest entry is exp(0) / sum: lse = max + log(sum) = max - log(largest probability).
     return probs, top - probs.amax(dim=1, keepdim=True).log_(), top
+
+
+def _probabilities(logits: Tensor, index: Tensor, decoupled: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(P, lse, max)`` of both losses: ``P = p_res``, the softmax with the true class (``index``, ``(M, 1)``)
+    masked, for ``decoupled``; ``P = p`` for ``mixed``. ``lse`` and ``max`` are ``(M, 1)`` columns."""
+    return _softmax_and_logsumexp(logits.scatter(1, index, float("-inf")) if decoupled else logits)
+
+
+def _hard_part(gap: Tensor, decoupled: bool, alpha: float) -> Tuple[Union[Tensor, float], Tensor]:
+    """``(hard_weight, hard)``: the hard label's loss and its weight on ``onehot(y)`` in the gradient, from
+    ``gap = lse - z_y``. ``decoupled``: ``CE = softplus(gap)`` and ``1 - p_y = sigmoid(gap)`` (exact even where ``p_y``
+    rounds to 1); ``mixed``: ``(1 - alpha) CE`` and the float ``1 - alpha``."""
+    if decoupled:
+        return torch.sigmoid(gap), F.softplus(gap)
+    return 1.0 - alpha, gap * (1.0 - alpha)
 
 
 class _SoftLabelCrossEntropy(torch.autograd.Function):
@@ -72,16 +94,9 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
         soft_dot = (soft * logits).sum(dim=1, keepdim=True)  # not linalg.vecdot: autocast runs it in bf16/fp16
         # Rows of a label matrix sum to 1, or to 0 before their first refresh with start="zeros".
         soft_sum: Union[Tensor, float] = 1.0 if rows_sum_to_one else soft.sum(dim=1, keepdim=True)
-        if decoupled:
-            probs, lse, top = _softmax_and_logsumexp(logits.scatter(1, index, float("-inf")))
-            gap = lse - true_logit
-            hard_weight: Union[Tensor, float] = torch.sigmoid(gap)  # 1 - p_y, exact even where p_y rounds to 1
-            per_row = F.softplus(gap)
-        else:
-            probs, lse, top = _softmax_and_logsumexp(logits)
-            hard_weight = 1.0 - alpha
-            gap = lse - true_logit
-            per_row = gap * hard_weight
+        probs, lse, top = _probabilities(logits, index, decoupled)
+        gap = lse - true_logit
+        hard_weight, per_row = _hard_part(gap, decoupled, alpha)
         soft_part = lse - soft_dot if rows_sum_to_one else torch.addcmul(-soft_dot, lse, soft_sum)  # type: ignore[arg-type]
         per_row = per_row.add_(soft_part, alpha=alpha)
 
@@ -147,25 +162,6 @@ def _reduce_rows(
     return torch.where(invalid.any(), float("nan"), total), weight
 
 
-def _tallies(
-    counted: Tensor, valid: Tensor, finite: Tensor, invalid: Tensor, target: Tensor, num_classes: int
-) -> Tuple[Tensor, Tensor]:
-    """Each row's place in the statistics, ``(M,)``: its class, or the spare row K when it is not counted; and its
-    tallies ``(counted, seen, non-finite, invalid)`` as ``(M, 4)`` floats (the layout is in
-    :mod:`lightning_adalabel.label_matrix`). Every argument is an ``(M, 1)`` column."""
-    tallies = torch.cat([counted, valid, valid > finite, invalid], dim=1).float()  # valid > finite: valid, not finite
-    return torch.where(counted, target, num_classes).view(-1), tallies
-
-
-def _counted(samples: str, usable: Tensor, correct: Tensor) -> Tensor:
-    """Which rows enter the statistics' sums, among the valid rows with finite logits."""
-    if samples == "misclassified":
-        return usable > correct
-    if samples == "correct":
-        return usable & correct
-    return usable if samples == "all" else torch.zeros_like(usable)
-
-
 def fused_soft_label_loss(
     batch: ClassificationBatch, label_matrix: Tensor, decoupled: bool, alpha: float, reduction: str = "mean",
     samples: str = "none", rows_sum_to_one: bool = False,
@@ -195,3 +191,65 @@ def fused_soft_label_loss(
         rows_sum_to_one,
     )
     return loss.view(batch.shape) if reduction == "none" else loss, probs, destination, counts
+
+
+class _SparseSoftLabelCrossEntropy(torch.autograd.Function):
+    """Per-row decoupled or mixed loss of class-index targets with the sparse rows ``Q[y] = V[y] + r_y u_y``, and,
+    without gradient, the probabilities ``P``, the largest logit that ``P`` saw and the logits' row sums (what the
+    statistics need, so they take no second softmax).
+
+    Backward is one pass over ``P`` and two scatters: ``dL/dz = (w + alpha s) P - alpha (V[y] + r_y u_y) - w onehot(y)``
+    with ``w`` the hard weight (see :func:`_hard_part`) and ``s`` the row's sum.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, logits: Tensor, target: Tensor, indices: Tensor, values: Tensor, mass: Tensor, row_sums: Tensor,
+        decoupled: bool, alpha: float, include_diagonal: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        num_classes = logits.shape[1]
+        index = target[:, None]
+        true_logit = logits.gather(1, index).squeeze(1)
+        logit_sums = logits.sum(dim=1)
+        soft_dot = (values * logits.gather(1, indices)).sum(dim=1)
+        floor_on_target = decoupled or not include_diagonal  # the uniform part leaves out the true class
+        probs, lse, top = _probabilities(logits, index, decoupled)
+        lse, top = lse.squeeze(1), top.squeeze(1)  # this Function's per-row quantities are (M,) vectors
+        hard_weight, hard = _hard_part(lse - true_logit, decoupled, alpha)
+        mean_allowed = (logit_sums - true_logit) / (num_classes - 1) if floor_on_target else logit_sums / num_classes
+        per_row = hard + alpha * (lse * row_sums - soft_dot - mass * mean_allowed)
+        ctx.alpha, ctx.floor_on_target = alpha, floor_on_target
+        ctx.hard_weight = None if isinstance(hard_weight, Tensor) else hard_weight
+        ctx.save_for_backward(probs, target, indices, values, mass, row_sums,
+                              *([hard_weight] if isinstance(hard_weight, Tensor) else []))
+        ctx.mark_non_differentiable(probs, top, logit_sums)
+        return per_row, probs, top, logit_sums
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_rows: Tensor, *unused: Any) -> Tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        probs, target, indices, values, mass, row_sums, *saved_weight = ctx.saved_tensors
+        hard_weight = saved_weight[0] if saved_weight else ctx.hard_weight
+        alpha, num_classes = ctx.alpha, probs.shape[1]
+        floor = alpha * grad_rows * mass / (num_classes - 1 if ctx.floor_on_target else num_classes)
+        grad = torch.addcmul(-floor[:, None], probs, ((hard_weight + alpha * row_sums) * grad_rows)[:, None])
+        grad.scatter_add_(1, indices, values * (-alpha * grad_rows)[:, None])
+        on_target = -hard_weight * grad_rows + (floor if ctx.floor_on_target else 0.0)
+        grad.scatter_add_(1, target[:, None], on_target[:, None])
+        return (grad,) + (None,) * 8
+
+
+def sparse_soft_label_loss(
+    batch: ClassificationBatch, indices: Tensor, values: Tensor, residual_mass: Tensor, decoupled: bool, alpha: float,
+    include_diagonal: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(per-row loss, P, largest logit P saw, logit row sums)`` of a batch with class-index targets and the sparse Q
+    (``indices``, ``values``: K x k; ``residual_mass``: K), from one softmax with a hand-written gradient; the same
+    loss as :func:`~lightning_adalabel.losses.sparse_loss_per_sample` (which the tests check)."""
+    logits = batch.logits if batch.logits.dtype == torch.float64 else batch.logits.float()
+    target = batch.target
+    values = values.to(logits.dtype)
+    mass = residual_mass.to(logits.dtype)[target]
+    rows = values[target]
+    return _SparseSoftLabelCrossEntropy.apply(logits, target, indices[target], rows, mass, rows.sum(dim=1) + mass,
+                                              decoupled, alpha, include_diagonal)

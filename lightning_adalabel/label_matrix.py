@@ -1,52 +1,48 @@
-"""The ALR engine: the K x K residual label matrix Q and the statistics that refresh it.
+"""The dense engine: the K x K label matrix Q and the statistics that refresh it.
 
-Pure torch, no Lightning: :class:`LabelMatrix` can be driven by hand, by the :class:`~lightning_adalabel.AdaLabel`
-callback, or by any other training loop.
+Pure torch, no Lightning: :class:`LabelMatrix` implements :class:`~lightning_adalabel.engine.LabelMatrixEngine`, and
+can be driven by hand, by the :class:`~lightning_adalabel.AdaLabel` callback, or by any other training loop.
 
 Layout of the statistics. Everything a refresh needs is a ``K x (K + 4)`` table, the *accumulator* (what
-``state_dict`` saves). Read it through the named properties (:attr:`LabelMatrix.sums`, :attr:`~LabelMatrix.counts`,
-...), never by column index:
-
-======================  ==================================================================
-column(s)               meaning (row k = samples whose target class is k)
-======================  ==================================================================
-``[:, :K]``             sum of the residual predictions (or of their logs, ``geometric``)
-``[:, K]``              number of samples that entered those sums
-``[:, K + 1]``          number of samples of class k seen (entered or not; ignored positions are not seen)
-``[:, K + 2]``          number of samples of class k left out for non-finite logits
-``[:, K + 3]``          invalid targets (no class: all are added to row 0), see :mod:`lightning_adalabel.inputs`
-======================  ==================================================================
+``state_dict`` saves): the sums of the residual predictions (``[:, :K]``; of their logs for ``geometric``), then the
+``K x 4`` tallies of :mod:`lightning_adalabel.statistics` (counted, seen, non-finite, invalid). Read it through the
+named properties (:attr:`LabelMatrix.sums`, :attr:`~LabelMatrix.counts`, ...), never by column index.
 
 It is stored as one flat float32 buffer, ``[tallies (K x 4) | sums (K x K) | spare row (K)]``, so that a refresh
 all-reduces one contiguous tensor (its first ``K * (K + 4)`` entries) and a batch adds its statistics with two
-``index_add_`` into contiguous blocks (ten times faster on a CPU than into the columns of a ``K x (K + 4)`` table).
+``index_add_`` into contiguous blocks (much faster on a CPU than into the columns of a ``K x (K + 4)`` table).
 A sample that is not counted (not selected, or with NaN/Inf logits) adds its statistic to the spare row instead
 of being masked, which saves a pass over the batch; the spare row is never reduced, saved or read.
 
 The steps follow torchmetrics' naming: :func:`_label_matrix_update` (one batch into the accumulator, as
-:func:`_batch_statistics` then :func:`_add_statistics`) and :func:`_label_matrix_compute` (the refreshed Q from
-reduced statistics). :meth:`LabelMatrix.loss` computes the loss and the statistics of a batch from one softmax
+:func:`_batch_statistics` then :func:`_add_statistics`) and
+:func:`~lightning_adalabel.statistics._label_matrix_compute` (the refreshed Q from reduced statistics).
+:meth:`LabelMatrix.loss` computes the loss and the statistics of a batch from one softmax
 (:mod:`lightning_adalabel.fused`).
 """
 
-import inspect
-import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from lightning_adalabel.compiled_loss import compiled
-from lightning_adalabel.fused import _counted, _tallies, fused_soft_label_loss
-from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
-from lightning_adalabel.losses import _straightforward_per_sample
-from lightning_adalabel.validation import check_bool, check_engine_config, check_int, validate_label_matrix
-
-# Version of the state_dict layout. 1: accumulator K x (K + 3), no invalid-target column (lightning_adalabel 0.1.0).
-STATE_VERSION = 2
-_STAT_COLUMNS = 4
-# Columns of the accumulator; the last four also index the K x 4 tallies on their own.
-_SUMS, _COUNT, _SEEN, _NONFINITE, _INVALID = slice(None, -_STAT_COLUMNS), -4, -3, -2, -1
+from lightning_adalabel.engine import Collective, LabelMatrixEngine
+from lightning_adalabel.fused import fused_soft_label_loss
+from lightning_adalabel.inputs import ClassificationBatch, _format, _reduce
+from lightning_adalabel.losses import _reduced_loss, _straightforward_per_sample
+from lightning_adalabel.state_versions import DENSE_STATE_VERSION, read_dense_engine_state
+from lightning_adalabel.statistics import (
+    TALLY_COLUMNS,
+    _counted,
+    _label_matrix_compute,
+    batch_tallies,
+    softmax_is_statistic,
+    statistics_target,
+    uniform_entry,
+)
+from lightning_adalabel.validation import check_int, validate_label_matrix
+from lightning_adalabel.visualization import top_off_diagonal
 
 
 def _empty_buffer(num_classes: int, device: Optional[Union[str, torch.device]] = None) -> Tensor:
@@ -54,15 +50,13 @@ def _empty_buffer(num_classes: int, device: Optional[Union[str, torch.device]] =
 
     float32 whatever the default dtype: Lightning's ``precision="64-true"`` makes float64 the default inside a
     training step, where the callback builds its engine."""
-    return torch.zeros(num_classes * (_STAT_COLUMNS + num_classes + 1), device=device, dtype=torch.float32)
+    return torch.zeros(num_classes * (TALLY_COLUMNS + num_classes + 1), device=device, dtype=torch.float32)
 
 
 def _buffer_views(buffer: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
     """``(tallies K x 4, sums with the spare row (K + 1) x K)``: views, no copy."""
-    split = num_classes * _STAT_COLUMNS
-    return buffer[:split].view(num_classes, _STAT_COLUMNS), buffer[split:].view(num_classes + 1, num_classes)
-
-ReduceFn = Callable[[Tensor], Tensor]
+    split = num_classes * TALLY_COLUMNS
+    return buffer[:split].view(num_classes, TALLY_COLUMNS), buffer[split:].view(num_classes + 1, num_classes)
 
 
 def initial_label_matrix(
@@ -81,10 +75,9 @@ def initial_label_matrix(
         tensor([[0.5000, 0.5000],
                 [0.5000, 0.5000]])
     """
-    if include_diagonal:
-        return torch.full((num_classes, num_classes), 1.0 / num_classes, device=device, dtype=torch.float32)
-    matrix = torch.full((num_classes, num_classes), 1.0 / (num_classes - 1), device=device, dtype=torch.float32)
-    return matrix.fill_diagonal_(0.0)
+    matrix = torch.full((num_classes, num_classes), uniform_entry(num_classes, include_diagonal), device=device,
+                        dtype=torch.float32)
+    return matrix if include_diagonal else matrix.fill_diagonal_(0.0)
 
 
 def residual_prediction_stats(logits: Tensor, target: Tensor, include_diagonal: bool, estimator: str) -> Tensor:
@@ -152,8 +145,7 @@ def _batch_statistics(
     that takes them from the loss's softmax). Only ``valid`` rows enter the sums and the seen counts; ``invalid``
     ones are only counted (in row 0, their target being no class); ignored and padding rows add nothing."""
     logits = batch.logits.detach().float()
-    # Probability targets enter the statistics under their dominant class.
-    target = batch.target.argmax(dim=1) if batch.probabilistic else batch.target
+    target = statistics_target(batch)  # a probability target's dominant class
     # Usable logits hold no NaN or +inf, and a finite target logit; -inf entries at other classes are masks (classes a
     # sample may not take), as in F.cross_entropy. The row sum tells NaN and +inf in one reduction (for logits below
     # ~1e35): -inf with masks, NaN or +inf otherwise. The same rule as the one-softmax path's (fused.py).
@@ -168,8 +160,7 @@ def _batch_statistics(
         finite &= rows.sum(dim=1) > float("-inf")
     correct = _predicted_right(logits, target) if samples in ("misclassified", "correct") else finite
     counted = _counted(samples, finite & batch.valid, correct)  # the same rule as the one-softmax path's
-    columns = (value[:, None] for value in (counted, batch.valid, finite, batch.invalid, target))
-    destination, counts = _tallies(*columns, logits.shape[1])  # type: ignore[call-arg]
+    destination, counts = batch_tallies(batch, target, counted, finite)
     return BatchStatistics(rows, destination, target, counts)
 
 
@@ -190,104 +181,6 @@ def _label_matrix_update(
     _add_statistics(buffer, batch.logits.shape[1], statistics)
 
 
-def statistic_totals(stats: Tensor) -> Tensor:
-    """``(counted, seen, nonfinite, invalid)`` sample totals over all classes of an accumulator or of the ``K x 4``
-    tallies (what :meth:`LabelMatrix.refresh` returns).
-
-    Example:
-        >>> matrix = LabelMatrix(3, samples="misclassified")
-        >>> matrix.update(torch.tensor([[2.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([0, 1, 5]))
-        >>> statistic_totals(matrix.accumulator)
-        tensor([1., 2., 0., 1.])
-    """
-    return stats[:, _COUNT:].sum(dim=0)
-
-
-def refreshed_rows(
-    sums: Tensor, counts: Tensor, estimator: str, include_diagonal: bool, prior: Optional[Tensor] = None,
-    pseudo_counts: Optional[Tensor] = None,
-) -> Tensor:
-    """The estimator's target row for every class (rows with ``counts == 0`` and no pseudo-count are meaningless).
-
-    ``mean`` is the arithmetic mean of ``p_res`` (minimises E[KL(p_res || q)]); ``geometric`` is the softmax of
-    the mean ``log p_res`` (minimises E[KL(q || p_res)], the paper's update loss); ``confusion`` is the frequency
-    of each wrong class as the model's top wrong guess. With a ``prior`` (K x K) and
-    ``pseudo_counts`` m (K,), row k is shrunk toward ``prior[k]`` as if m_k samples equal to it had been seen:
-    ``(S_k + m_k prior_k) / (n_k + m_k)`` for ``mean``, the same on ``log p_res`` for ``geometric``.
-
-    Example:
-        >>> sums = torch.tensor([[0.0, 1.5], [0.5, 0.0]])
-        >>> refreshed_rows(sums, torch.tensor([3.0, 1.0]), "mean", include_diagonal=True)
-        tensor([[0.0000, 0.5000],
-                [0.5000, 0.0000]])
-    """
-    return _refreshed_rows_(sums.clone(), counts, estimator, include_diagonal, prior,
-                            pseudo_counts if prior is not None else None)
-
-
-def _refreshed_rows_(
-    sums: Tensor, counts: Tensor, estimator: str, include_diagonal: bool, prior: Optional[Tensor] = None,
-    pseudo_counts: Optional[Tensor] = None, uniform_prior: bool = False,
-) -> Tensor:
-    """:func:`refreshed_rows` in the memory of ``sums`` (overwritten): no K x K temporary, except the ``xlogy`` of a
-    previous-row prior for ``geometric``. ``uniform_prior`` shrinks toward the uniform row without building it."""
-    in_logs = estimator == "geometric"
-    if pseudo_counts is not None and (prior is not None or uniform_prior):
-        if uniform_prior:
-            num_classes = sums.shape[0]
-            value = 1.0 / (num_classes if include_diagonal else num_classes - 1)
-            per_row = pseudo_counts * (math.log(value) if in_logs else value)
-            sums.add_(per_row[:, None])
-            if not include_diagonal:  # the prior's diagonal is 0 (in logs: left out, filled with -inf below)
-                sums.diagonal().sub_(per_row)
-        elif in_logs:
-            # xlogy: a zero pseudo-count adds nothing, even where the prior is 0 (log 0 = -inf, the residual diagonal).
-            sums.add_(torch.xlogy(pseudo_counts[:, None], prior))  # type: ignore[arg-type]
-        else:
-            sums.addcmul_(pseudo_counts[:, None], prior)  # type: ignore[arg-type]
-        counts = counts + pseudo_counts
-        sums.div_(torch.where(counts > 0, counts, 1.0)[:, None])
-    else:
-        sums.div_(counts.clamp_min(1.0)[:, None])
-    if not in_logs:
-        return sums
-    if not include_diagonal:
-        sums.fill_diagonal_(float("-inf"))
-    sums.sub_(sums.amax(dim=1, keepdim=True)).exp_()  # a softmax in place (exp(-inf) = 0 on the diagonal)
-    return sums.div_(sums.sum(dim=1, keepdim=True))
-
-
-def _label_matrix_compute(
-    matrix: Tensor, sums: Tensor, tallies: Tensor, estimator: str, momentum: float, include_diagonal: bool,
-    prior: str = "uniform", prior_strength: float = 0.0, empty_rows: str = "keep",
-) -> Tensor:
-    """The refreshed Q from (reduced) statistics: rows that received no sample keep their value, or with
-    ``empty_rows="uniform"`` (the official Online Label Smoothing) are reset to the uniform row.
-
-    With ``prior_strength`` s > 0 each refreshed row is shrunk toward a prior (``"uniform"``: the initial matrix;
-    ``"previous"``: the row as it is) with the pseudo-count ``m_k = s * seen_k``: proportional to the samples of
-    class k seen since the last refresh, so the same s means the same thing on any data set size. A row estimated
-    from a handful of misclassified samples among many (clean data, late in training) stays close to the prior;
-    a row with many (label noise) follows its statistics.
-
-    ``sums`` is overwritten (the caller clears the statistics next): besides Q and the statistics, a refresh holds
-    one K x K tensor at a time, the new Q (and, for ``geometric`` with the ``previous`` prior, one before it).
-    """
-    counts = tallies[:, _COUNT]
-    num_classes = matrix.shape[0]
-    pseudo_counts = prior_strength * tallies[:, _SEEN] if prior_strength > 0 else None
-    estimate = _refreshed_rows_(sums, counts, estimator, include_diagonal, matrix if prior == "previous" else None,
-                                pseudo_counts, uniform_prior=prior == "uniform")
-    empty = (counts <= 0)[:, None]
-    if empty_rows == "uniform":
-        estimate.masked_fill_(empty, 1.0 / (num_classes if include_diagonal else num_classes - 1))
-        if not include_diagonal:
-            estimate.diagonal().masked_fill_(empty.squeeze(1), 0.0)
-        return torch.lerp(matrix, estimate, momentum)
-    # Weight 0 keeps a row exactly (lerp computes a + 0 * (b - a)); its estimate is zeroed so that b is finite.
-    return torch.lerp(matrix, estimate.masked_fill_(empty, 0.0), (~empty).to(matrix.dtype) * momentum)
-
-
 def _loss_and_statistics(
     logits: Tensor, target: Tensor, ignore_index: int, matrix: Tensor, loss: str, alpha: float, reduction: str,
     samples: str, estimator: str, include_diagonal: bool, rows_sum_to_one: bool,
@@ -297,9 +190,8 @@ def _loss_and_statistics(
     otherwise. A pure function of tensors and settings, so that ``compile_loss=True`` compiles it whole."""
     batch = _format(logits, target, ignore_index)
     decoupled = loss == "decoupled"
-    fused = loss != "ce" and not batch.probabilistic and (
-        samples == "none" or (estimator == "mean" and include_diagonal != decoupled)
-    )
+    fused = loss != "ce" and not batch.probabilistic and softmax_is_statistic(samples, estimator, include_diagonal,
+                                                                               decoupled)
     if not fused:
         value = _reduce(_straightforward_per_sample(batch, matrix, loss, alpha), batch, reduction)
         return value, _batch_statistics(batch, samples, estimator, include_diagonal)
@@ -310,31 +202,42 @@ def _loss_and_statistics(
     return value, BatchStatistics(rows, destination, batch.target, counts)
 
 
-class LabelMatrix:
-    """The residual label matrix Q with its online statistics.
+def _buffer_from_accumulator(accumulator: Tensor, num_classes: int) -> Tensor:
+    """The flat statistics buffer (:func:`_empty_buffer`) holding a ``K x (K + 4)`` accumulator's statistics."""
+    buffer = _empty_buffer(num_classes, accumulator.device)
+    tallies, sums = _buffer_views(buffer, num_classes)
+    tallies.copy_(accumulator[:, num_classes:])
+    sums[:num_classes].copy_(accumulator[:, :num_classes])
+    return buffer
+
+
+class LabelMatrix(LabelMatrixEngine):
+    """The label matrix Q as a dense ``K x K`` tensor, with its online statistics (the
+    :class:`~lightning_adalabel.engine.LabelMatrixEngine` contract).
 
     Args:
         num_classes: K.
         samples: which samples feed the statistics: ``"misclassified"`` (argmax != target), ``"all"``,
             ``"correct"``, or ``"none"`` (Q never changes, e.g. label smoothing).
-        estimator: ``"mean"``, ``"geometric"`` or ``"confusion"`` (see :func:`refreshed_rows`).
+        estimator: ``"mean"``, ``"geometric"`` or ``"confusion"`` (see
+            :func:`~lightning_adalabel.statistics.refreshed_rows`).
         momentum: refreshed row = ``(1 - momentum) * old + momentum * estimate``.
         include_diagonal: keep the true class in the statistics (full softmax, Online Label Smoothing) instead
             of the residual (wrong classes only, ALR).
         device: where Q and the statistics live (the logits' device).
         initial_matrix: start from this K x K matrix instead of the uniform one (checked by
-            :func:`~lightning_adalabel.validate_label_matrix`); with ``samples="none"`` it stays fixed.
+            :func:`~lightning_adalabel.validation.validate_label_matrix`); with ``samples="none"`` it stays fixed.
         prior: what a refreshed row is shrunk toward: ``"uniform"`` (the initial uniform row) or ``"previous"``
             (the row before the refresh).
         prior_strength: the prior's pseudo-count per sample of the class seen since the last refresh (0: no
-            shrinkage, each row is its statistics' estimate); see :func:`_label_matrix_compute`.
+            shrinkage, each row is its statistics' estimate); see
+            :func:`~lightning_adalabel.statistics._label_matrix_compute`.
         start: ``"uniform"`` (the initial matrix above) or ``"zeros"``: Q starts all-zero, so the soft part of the
             loss is 0 until the first refresh (the official Online Label Smoothing code).
         empty_rows: at a refresh, a row without samples is kept (``"keep"``) or reset to uniform (``"uniform"``, the
             official Online Label Smoothing code).
-        compile_loss: compute :meth:`loss` (formatting, loss and statistics) as one ``torch.compile``'d graph:
-            several times fewer operations per batch, for a compilation on the first batch (see
-            :mod:`lightning_adalabel.compiled_loss`). Values equal the eager ones to float rounding.
+        compile_loss: compute :meth:`loss` (formatting, loss and statistics) as one ``torch.compile``'d graph
+            (see :mod:`lightning_adalabel.compiled_loss`). Values equal the eager ones to float rounding.
 
     Example:
         >>> matrix = LabelMatrix(3, samples="all")
@@ -347,6 +250,8 @@ class LabelMatrix:
                 [0.5000, 0.0000, 0.5000],
                 [0.5000, 0.5000, 0.0000]])
     """
+
+    stores_dense = True
 
     def __init__(
         self,
@@ -363,19 +268,9 @@ class LabelMatrix:
         empty_rows: str = "keep",
         compile_loss: bool = False,
     ) -> None:
-        check_int("num_classes", num_classes, minimum=2)
-        check_bool("compile_loss", compile_loss)
-        check_engine_config(samples, estimator, momentum, include_diagonal, prior, prior_strength, start, empty_rows)
-        self.num_classes = num_classes
-        self.samples = samples
-        self.estimator = estimator
-        self.momentum = float(momentum)
-        self.include_diagonal = include_diagonal
-        self.prior = prior
-        self.prior_strength = float(prior_strength)
-        self.start = start
-        self.empty_rows = empty_rows
-        self.compile_loss = compile_loss
+        self._configure(num_classes, compile_loss, samples=samples, estimator=estimator, momentum=momentum,
+                        include_diagonal=include_diagonal, prior=prior, prior_strength=prior_strength, start=start,
+                        empty_rows=empty_rows)
         if initial_matrix is not None and start == "zeros":
             raise ValueError("`start='zeros'` and `initial_matrix` exclude each other: give one or the other.")
         if start == "zeros":
@@ -386,7 +281,6 @@ class LabelMatrix:
             validate_label_matrix(initial_matrix, num_classes, include_diagonal)
             self.matrix = initial_matrix.detach().to(device, torch.float32).clone()
         self._buffer = _empty_buffer(num_classes, device)
-        self.num_refreshes = 0
 
     @property
     def accumulator(self) -> Tensor:
@@ -395,13 +289,9 @@ class LabelMatrix:
         return torch.cat([sums[: self.num_classes], tallies], dim=1)
 
     @property
-    def tallies(self) -> Tensor:
+    def tallies(self) -> Tensor:  # type: ignore[override]
         """``K x 4`` sample counts per class since the last refresh: counted, seen, non-finite, invalid (a view)."""
         return _buffer_views(self._buffer, self.num_classes)[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.matrix.device
 
     @property
     def sums(self) -> Tensor:
@@ -409,70 +299,25 @@ class LabelMatrix:
         return _buffer_views(self._buffer, self.num_classes)[1][: self.num_classes]
 
     @property
-    def counts(self) -> Tensor:
-        """Number of samples per target class that entered :attr:`sums` since the last refresh."""
-        return self.tallies[:, _COUNT]
-
-    @property
-    def seen(self) -> Tensor:
-        """Number of samples per target class seen since the last refresh, counted or not (ignored ones are not)."""
-        return self.tallies[:, _SEEN]
-
-    @property
-    def nonfinite(self) -> Tensor:
-        """Number of samples per target class left out since the last refresh because their logits held NaN or +inf,
-        or -inf at the target class (-inf elsewhere is a mask: such samples count)."""
-        return self.tallies[:, _NONFINITE]
-
-    @property
-    def invalid(self) -> Tensor:
-        """Number of invalid targets since the last refresh (all in row 0: they have no class)."""
-        return self.tallies[:, _INVALID]
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        # torch.multiprocessing (ddp_spawn, DataLoader workers) pickles CPU tensors as shared memory: every process
-        # started from one callback would otherwise update a single accumulator at the same time, losing counts and
-        # then all-reducing them twice. Each process owns its copy.
-        self.__dict__.update(state)
-        self.__dict__.setdefault("compile_loss", False)  # pickled before the setting existed
-        self.matrix = self.matrix.clone()
-        if "_buffer" not in state:  # pickled by lightning_adalabel 0.1, which kept the K x (K + 4) table itself
-            accumulator = self.__dict__.pop("accumulator")
-            self._buffer = _empty_buffer(self.num_classes, accumulator.device)
-            tallies, sums = _buffer_views(self._buffer, self.num_classes)
-            tallies.copy_(accumulator[:, _COUNT:]), sums[: self.num_classes].copy_(accumulator[:, _SUMS])
-        self._buffer = self._buffer.clone()
+    def device(self) -> torch.device:
+        return self.matrix.device
 
     def to(self, device: Union[str, torch.device]) -> "LabelMatrix":
         self.matrix = self.matrix.to(device)
         self._buffer = self._buffer.to(device)
         return self
 
-    def update(self, logits: Tensor, target: Tensor, ignore_index: int = -100) -> None:
-        """Accumulate one batch in ``F.cross_entropy``'s layouts: logits ``(N, K, ...)`` of any float dtype, targets
-        class indices ``(N, ...)`` or probabilities of the logits' shape; every position is one sample.
-
-        Runs in float32 on the logits' device without a device-to-host copy. Rows with NaN/+inf logits are left
-        out of the sums and counted in :attr:`nonfinite`; invalid targets are counted in :attr:`invalid`.
-        """
-        _tensor_validation(logits, target, self.num_classes)
-        self.update_batch(_format(logits.detach(), target.detach(), ignore_index))
-
-    def update_batch(self, batch: ClassificationBatch) -> None:
-        """Accumulate a batch already formatted by :func:`lightning_adalabel.inputs._format`."""
-        with torch.no_grad():
-            _label_matrix_update(self._buffer, batch, self.samples, self.estimator, self.include_diagonal)
+    # ---- per batch ---------------------------------------------------------------------------------------------
 
     def batch_statistics(self, batch: ClassificationBatch) -> BatchStatistics:
         """The statistics of a formatted batch, from its logits (when no loss of this Q computed them)."""
         return _batch_statistics(batch, self.samples, self.estimator, self.include_diagonal)
 
-    def loss(
-        self, logits: Tensor, target: Tensor, loss: str = "decoupled", alpha: float = 1.0, ignore_index: int = -100,
-        reduction: str = "mean",
+    def loss_and_statistics(
+        self, logits: Tensor, target: Tensor, ignore_index: int, loss: str, alpha: float, reduction: str = "mean"
     ) -> Tuple[Tensor, BatchStatistics]:
-        """The loss of a batch with this Q (as :func:`~lightning_adalabel.adalabel_loss`) and the batch's
-        statistics, both from one softmax of the logits; :meth:`add` the statistics once the step is done.
+        """The reduced loss and the statistics of a checked batch (see :func:`_loss_and_statistics`), compiled when
+        this engine was built with ``compile_loss=True``; plain cross-entropy is torch's own, eagerly.
 
         Example:
             >>> matrix = LabelMatrix(3)
@@ -483,40 +328,33 @@ class LabelMatrix:
             >>> matrix.counts  # the first sample is misclassified
             tensor([1., 0., 0.])
         """
-        _arg_validation(ignore_index, reduction)
-        _tensor_validation(logits, target, self.num_classes)
-        return self._loss_and_statistics(logits, target, ignore_index, loss, alpha, reduction)
-
-    def _loss_and_statistics(
-        self, logits: Tensor, target: Tensor, ignore_index: int, loss: str, alpha: float, reduction: str = "mean"
-    ) -> Tuple[Tensor, BatchStatistics]:
-        """The reduced loss and the statistics of a checked batch (see :func:`_loss_and_statistics`), compiled when
-        this engine was built with ``compile_loss=True``."""
+        if loss == "ce":
+            batch = _format(logits, target, ignore_index)
+            value = _reduced_loss(logits, target, batch, self.matrix, loss, alpha, ignore_index, reduction)
+            return value, self.batch_statistics(batch)
         compute = compiled(_loss_and_statistics) if self.compile_loss else _loss_and_statistics
         return compute(logits, target, ignore_index, self.matrix, loss, alpha, reduction, self.samples,
                        self.estimator, self.include_diagonal, self.start != "zeros")
+
+    def loss_only(
+        self, logits: Tensor, target: Tensor, ignore_index: int, loss: str, alpha: float, reduction: str = "mean"
+    ) -> Tensor:
+        batch = _format(logits, target, ignore_index)
+        return _reduced_loss(logits, target, batch, self.matrix, loss, alpha, ignore_index, reduction)
 
     def add(self, statistics: BatchStatistics) -> None:
         """Add the statistics of a batch (from :meth:`loss`) to the accumulator."""
         with torch.no_grad():
             _add_statistics(self._buffer, self.num_classes, statistics)
 
-    def refresh(self, reduce: Optional[ReduceFn] = None) -> Tensor:
-        """Fold the statistics into Q and reset them; return the (reduced) ``K x 4`` tallies that were used
-        (counted, seen, non-finite, invalid per class; :func:`statistic_totals` sums them).
+    # ---- per refresh -------------------------------------------------------------------------------------------
 
-        Args:
-            reduce: sums a tensor over processes (e.g. the strategy's all-reduce) so that every rank ends with
-                the same Q; called once, on one flat tensor of all the statistics.
-
-        Rows that received no sample keep their value. Runs on the device without a host sync.
-        """
+    def _refresh(self, collective: Collective) -> Tensor:
+        # One sum over processes of one flat tensor: all the statistics but the spare row.
         num_classes = self.num_classes
-        statistics = self._buffer[: num_classes * (num_classes + _STAT_COLUMNS)]
-        if reduce is not None:
-            statistics = reduce(statistics)
-        split = num_classes * _STAT_COLUMNS
-        tallies = statistics[:split].view(num_classes, _STAT_COLUMNS)
+        statistics = collective.sum(self._buffer[: num_classes * (num_classes + TALLY_COLUMNS)])
+        split = num_classes * TALLY_COLUMNS
+        tallies = statistics[:split].view(num_classes, TALLY_COLUMNS)
         sums = statistics[split:].view(num_classes, num_classes)
         if self.samples != "none":
             self.matrix = _label_matrix_compute(self.matrix, sums, tallies, self.estimator, self.momentum,
@@ -524,25 +362,31 @@ class LabelMatrix:
                                                 self.empty_rows)
         tallies = tallies.clone()  # the buffer is cleared next
         self._buffer.zero_()
-        self.num_refreshes += 1
         return tallies
 
     def reset_statistics(self) -> None:
-        """Forget the statistics gathered since the last refresh (Q is kept), e.g. when a new ``fit`` starts."""
         self._buffer.zero_()
+
+    # ---- Q -----------------------------------------------------------------------------------------------------
+
+    def to_dense(self) -> Tensor:
+        return self.matrix
+
+    def rows(self, classes: Tensor) -> Tensor:
+        return self.matrix.index_select(0, classes)
+
+    def mean_entropy(self) -> Tensor:
+        return torch.special.entr(self.matrix).sum(dim=1).mean()
+
+    def top_pairs(self, n: int) -> Tuple[Tensor, Tensor, Tensor]:
+        return top_off_diagonal(self.matrix, n)
+
+    # ---- state -------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
         return {
-            "version": STATE_VERSION,
-            "num_classes": self.num_classes,
-            "samples": self.samples,
-            "estimator": self.estimator,
-            "momentum": self.momentum,
-            "include_diagonal": self.include_diagonal,
-            "prior": self.prior,
-            "prior_strength": self.prior_strength,
-            "start": self.start,
-            "empty_rows": self.empty_rows,
+            "version": DENSE_STATE_VERSION,
+            **self.config(),
             # Q itself, as nn.Module.state_dict returns its parameters: Q is never changed in place (a refresh makes a
             # new one), so this costs no copy. The statistics are: `accumulator` is a fresh copy of them (and
             # Lightning's AsyncCheckpointIO clones what it writes in the background).
@@ -554,28 +398,19 @@ class LabelMatrix:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore Q and the statistics onto this matrix's device; the configuration must match and the values
         must be a valid label matrix with finite, non-negative statistics of the right shape."""
-        state = _upgrade_state(state)
-        mismatched = [
-            f"{key}={state.get(key)!r} (this one has {getattr(self, key)!r})"
-            for key in _CONFIG_KEYS
-            if state.get(key, _SETTING_DEFAULTS.get(key)) != getattr(self, key)
-        ]
-        if mismatched:
-            raise ValueError(
-                "The label-matrix state was saved with a different configuration: " + ", ".join(mismatched)
-                + ". Resume with the same settings, or start a new run without this checkpoint."
-            )
+        state = read_dense_engine_state(state)
+        self._check_config(state)
         matrix, accumulator = state["matrix"], state["accumulator"]
         try:
             validate_label_matrix(matrix, self.num_classes, self.include_diagonal, self.start == "zeros")
         except ValueError as error:
             raise ValueError(f"The saved label matrix is not valid: {error}") from error
-        expected = (self.num_classes, self.num_classes + _STAT_COLUMNS)
+        expected = (self.num_classes, self.num_classes + TALLY_COLUMNS)
         if not isinstance(accumulator, Tensor) or tuple(accumulator.shape) != expected:
             shape = tuple(accumulator.shape) if isinstance(accumulator, Tensor) else type(accumulator).__name__
             raise ValueError(f"The saved label-matrix statistics have shape {shape}, expected {expected}.")
         stats = accumulator.detach().double().cpu()
-        if not bool(torch.isfinite(stats).all()) or bool((stats[:, _COUNT:] < 0).any()):
+        if not bool(torch.isfinite(stats).all()) or bool((stats[:, self.num_classes:] < 0).any()):
             raise ValueError(
                 "The saved label-matrix statistics hold NaN/Inf or negative counts. Resume from an earlier checkpoint,"
                 " or start a new run."
@@ -583,52 +418,11 @@ class LabelMatrix:
         num_refreshes = state["num_refreshes"]
         check_int("num_refreshes", num_refreshes, minimum=0)
         self.matrix = matrix.detach().to(self.device, torch.float32).clone()
-        accumulator = accumulator.detach().to(self.device, torch.float32)
-        buffer = _empty_buffer(self.num_classes, self.device)
-        tallies, sums = _buffer_views(buffer, self.num_classes)
-        tallies.copy_(accumulator[:, _COUNT:])
-        sums[: self.num_classes].copy_(accumulator[:, _SUMS])
-        self._buffer = buffer
+        self._buffer = _buffer_from_accumulator(accumulator.detach().to(self.device, torch.float32), self.num_classes)
         self.num_refreshes = num_refreshes
 
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(num_classes={self.num_classes}, samples={self.samples!r},"
-            f" estimator={self.estimator!r}, momentum={self.momentum}, include_diagonal={self.include_diagonal},"
-            f" prior={self.prior!r}, prior_strength={self.prior_strength}, start={self.start!r},"
-            f" empty_rows={self.empty_rows!r})"
-        )
-
-
-_CONFIG_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "prior", "prior_strength",
-                "start", "empty_rows")
-# A state written before a setting existed was written with the setting's default.
-_SETTING_DEFAULTS = {
-    name: parameter.default for name, parameter in inspect.signature(LabelMatrix.__init__).parameters.items()
-    if parameter.default is not inspect.Parameter.empty
-}
-_STATE_KEYS = ("num_classes", "samples", "estimator", "momentum", "include_diagonal", "matrix", "accumulator",
-               "num_refreshes")
-
-
-def _upgrade_state(state: Any) -> Dict[str, Any]:
-    """A state of this version from one of any version this package wrote, or a clear error."""
-    if not isinstance(state, dict):
-        raise ValueError(f"A label-matrix state is a dict, got {type(state).__name__}.")
-    version = state.get("version", 1)
-    if version not in (1, STATE_VERSION):
-        raise ValueError(
-            f"This label-matrix state has format version {version!r}; this lightning_adalabel reads versions 1 to"
-            f" {STATE_VERSION}. Upgrade lightning_adalabel, or start a new run without this checkpoint."
-        )
-    missing = [key for key in _STATE_KEYS if key not in state]
-    if missing:
-        raise ValueError(
-            f"This label-matrix state lacks {missing}: it was not written by LabelMatrix.state_dict(). Start a new"
-            " run, or load a checkpoint written by lightning_adalabel."
-        )
-    if version == 1 and isinstance(state["accumulator"], Tensor) and state["accumulator"].ndim == 2:
-        # Version 1 had no invalid-target column; it counted none.
-        accumulator = state["accumulator"]
-        state = {**state, "accumulator": torch.cat([accumulator, accumulator.new_zeros(accumulator.shape[0], 1)], 1)}
-    return state
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        if "_buffer" not in state:  # pickled by lightning_adalabel 0.1, which kept the K x (K + 4) table itself
+            state = dict(state)
+            state["_buffer"] = _buffer_from_accumulator(state.pop("accumulator"), state["num_classes"])
+        super().__setstate__(state)

@@ -11,23 +11,23 @@ When none of them is attached (CSV, or no logger), the heatmap is saved as
 ``<log_dir>/label_matrix/step_<global_step>.png`` with the pairs in ``step_<global_step>_top_pairs.csv`` beside it.
 Only global rank 0 writes; every rank holds the same Q after a refresh.
 
-A sparse label matrix (``AdaLabel(top_k=...)``) is never densified beyond :data:`MAX_HEATMAP_CLASSES` classes: above
-that only the top pairs are logged (taken from its sparse rows), as a text/table or a CSV without a PNG.
+The pairs come from the engine's ``top_pairs`` (a sparse engine's from its sparse rows, at any K). An engine that does
+not keep Q as a ``K x K`` tensor (``AdaLabel(top_k=...)``) is never densified beyond :data:`MAX_HEATMAP_CLASSES`
+classes: above that only the top pairs are logged, as a text/table or a CSV without a PNG.
 """
 
 import csv
 import io
 import os
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger, MLFlowLogger, WandbLogger
-from torch import Tensor
 
-from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
-from lightning_adalabel.visualization import _class_labels, plot_label_matrix, top_correlated_pairs
+from lightning_adalabel.engine import LabelMatrixEngine
+from lightning_adalabel.visualization import named_pairs, plot_label_matrix
 
-# A heatmap with more cells than this squared is unreadable, and for a sparse matrix it would need the K x K tensor.
+# A heatmap with more cells than this squared is unreadable, and for a sparse engine it would need the K x K tensor.
 MAX_HEATMAP_CLASSES = 64
 
 
@@ -86,34 +86,19 @@ def label_matrix_dir(trainer: "pl.Trainer") -> str:
     return os.path.join(trainer.log_dir or trainer.default_root_dir, "label_matrix")
 
 
-def _sparse_pairs(
-    matrix: SparseLabelMatrix, n: int, class_names: Optional[Sequence[str]]
-) -> Sequence[Tuple[str, str, float]]:
-    """:func:`top_correlated_pairs` of a sparse matrix, from its explicit entries (one ``topk`` over ``K x k``)."""
-    names = _class_labels(class_names, matrix.num_classes)
-    rows, columns, values = matrix.top_pairs(n)
-    return [(names[row], names[column], round(value, 6))
-            for row, column, value in zip(rows.tolist(), columns.tolist(), values.tolist())]
-
-
-def log_label_matrix(
-    trainer: "pl.Trainer", matrix: Union[Tensor, SparseLabelMatrix], class_names: Optional[Sequence[str]] = None,
-    top_pairs: int = 10,
+def log_heatmap_and_pairs(
+    trainer: "pl.Trainer", engine: LabelMatrixEngine, class_names: Optional[Sequence[str]] = None, top_pairs: int = 10,
 ) -> None:
-    """Log the heatmap of ``matrix`` and its ``top_pairs`` most correlated class pairs at the current global step;
-    a sparse matrix of more than :data:`MAX_HEATMAP_CLASSES` classes logs its pairs only."""
+    """Log the heatmap of the engine's Q and its ``top_pairs`` most correlated class pairs at the current global step;
+    an engine that does not keep Q dense logs its pairs only above :data:`MAX_HEATMAP_CLASSES` classes."""
     if not trainer.is_global_zero:
         return
     step = trainer.global_step
+    pairs = named_pairs(engine.top_pairs(top_pairs), class_names, engine.num_classes)
     figure = None
-    if isinstance(matrix, SparseLabelMatrix):
-        pairs = _sparse_pairs(matrix, top_pairs, class_names)
-        if matrix.num_classes <= MAX_HEATMAP_CLASSES:
-            figure = plot_label_matrix(matrix.to_dense(), class_names, title=f"Label matrix Q at step {step}",
-                                       include_diagonal=matrix.include_diagonal)
-    else:
-        pairs = top_correlated_pairs(matrix, top_pairs, class_names)
-        figure = plot_label_matrix(matrix, class_names, title=f"Label matrix Q at step {step}")
+    if engine.stores_dense or engine.num_classes <= MAX_HEATMAP_CLASSES:
+        figure = plot_label_matrix(engine.to_dense(), class_names, title=f"Label matrix Q at step {step}",
+                                   include_diagonal=engine.include_diagonal)
     logged = [_log_to(logger, figure, pairs, step) for logger in trainer.loggers]
     if any(logged):
         return

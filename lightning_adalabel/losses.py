@@ -1,5 +1,5 @@
-"""Functional losses of ALR; no state. All are computed in float32 (float64 inputs stay float64) whatever the
-input dtype, so bf16/fp16 logits under autocast cannot overflow the log-sum-exp.
+"""Functional losses of ALR, written term by term; no state. All are computed in float32 (float64 inputs stay
+float64) whatever the input dtype, so bf16/fp16 logits under autocast cannot overflow the log-sum-exp.
 
 Inputs follow ``F.cross_entropy`` (see :mod:`lightning_adalabel.inputs`): logits ``(N, K)`` or
 ``(N, K, d1, ..., dk)``; targets class indices ``(N)`` / ``(N, d1, ..., dk)`` or probabilities of the logits' shape
@@ -10,7 +10,23 @@ Each public loss validates, formats to one row per position, computes a per-posi
 ``_per_sample`` functions) and reduces. Class-index targets go through the one-softmax implementation with a
 hand-written gradient (:mod:`lightning_adalabel.fused`); :func:`_straightforward_per_sample`, written term by term
 with autograd, is the reference it is tested against and serves probability targets.
+
+The same two losses with a sparse Q (``AdaLabel(top_k=...)``: each row of Q is ``top_k`` explicit entries plus a
+uniform remainder, see :mod:`lightning_adalabel.sparse_label_matrix`) are :func:`sparse_loss_per_sample`: no ``K x K``
+tensor is built. Row c of Q is ``V[c] + r_c u_c``: ``V[c]`` has k entries (``indices[c]``, ``values[c]``), ``u_c`` is
+uniform over the allowed classes (the K - 1 others, or all K with ``include_diagonal``). Both losses are linear in Q's
+row, so the uniform part needs only the sum of the logits. For a class-index target y, with ``s = sum V[y] + r_y`` (1,
+or 0 before the first refresh with ``start="zeros"``) and ``zbar`` the mean logit over the allowed classes:
+
+- ``decoupled``: ``CE(z, y) + alpha * (s lse_res - V[y] . z - r_y zbar)``, ``lse_res = log sum_{j != y} exp z_j``;
+- ``mixed``: ``(1 - alpha) CE(z, y) + alpha * (s lse - V[y] . z - r_y zbar)``.
+
+``V[y] . z`` gathers k logits per sample. Probability targets t (MixUp/CutMix) mix these per-class losses with
+weights t; the only product with the matrix, ``t @ V``, is a sparse-dense product (``O(M K k)`` work, no ``K x K``
+tensor). The tests compare it, values and gradients, with the dense losses on the densified Q.
 """
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +84,29 @@ def _residual_cross_entropy_per_sample(logits: Tensor, target: Tensor, residual_
     without_true = logits.scatter(1, target[:, None], float("-inf")).logsumexp(dim=1)
     soft = residual_labels[target]
     return without_true * soft.sum(dim=1) - (soft * logits).sum(dim=1)
+
+
+def _sparse_rows_times(target: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    """``target @ V`` (M x K) for probability targets, as a sparse-dense product; no gradient (targets are data).
+
+    ``V^T`` is built in CSR form: its rows (V's columns) found by a sort and ``searchsorted`` on the device, so no
+    step reads a value back to the host (a COO product would coalesce, which on a GPU waits for the number of
+    distinct entries). Duplicate entries of a row, such as empty slots, are summed by the product.
+
+    Example:
+        >>> _sparse_rows_times(torch.tensor([[0.5, 0.5]]), torch.tensor([[1], [0]]), torch.tensor([[1.0], [0.25]]))
+        tensor([[0.1250, 0.5000]])
+    """
+    num_classes, width = indices.shape
+    columns, order = indices.reshape(-1).sort(stable=True)  # V^T's row of each entry, in row order
+    crow = torch.searchsorted(columns, torch.arange(num_classes + 1, device=indices.device))
+    source_rows = torch.div(order, width, rounding_mode="floor")  # V's row (V^T's column) of each entry
+    with warnings.catch_warnings():  # torch's "CSR support is in beta" notice, about a format we only multiply
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        transposed = torch.sparse_csr_tensor(crow, source_rows, values.reshape(-1)[order].to(target.dtype),
+                                             (num_classes, num_classes), check_invariants=False)
+    with torch.no_grad(), torch.autocast(target.device.type, enabled=False):
+        return torch.sparse.mm(transposed, target.detach().T).T
 
 
 def _straightforward_per_sample(batch: ClassificationBatch, label_matrix: Tensor, mode: str, alpha: float) -> Tensor:
@@ -196,3 +235,71 @@ def adalabel_loss(
     if mode not in LOSS_MODES:
         raise ValueError(f"Loss mode must be one of {LOSS_MODES}, got {mode!r}.")
     return _loss(logits, target, label_matrix, mode, alpha, ignore_index, reduction)
+
+
+def sparse_loss_per_sample(
+    batch: ClassificationBatch, indices: Tensor, values: Tensor, residual_mass: Tensor, mode: str, alpha: float,
+    include_diagonal: bool,
+) -> Tensor:
+    """The loss of every row of a formatted batch (M,), before masking and reduction, with the sparse Q
+    (``indices``, ``values``: K x k; ``residual_mass``: K). ``mode`` is ``"decoupled"``, ``"mixed"`` or ``"ce"``.
+
+    Example:
+        >>> from lightning_adalabel.inputs import _format
+        >>> indices, values = torch.tensor([[1], [0], [1]]), torch.tensor([[1.0], [0.5], [0.5]])
+        >>> batch = _format(torch.zeros(1, 3), torch.tensor([0]))
+        >>> sparse_loss_per_sample(batch, indices, values, torch.tensor([0.0, 0.5, 0.5]), "decoupled", 0.5, False)
+        tensor([1.4452])
+    """
+    logits = batch.logits if batch.logits.dtype == torch.float64 else batch.logits.float()
+    num_classes = logits.shape[1]
+    values, residual_mass = values.to(logits.dtype), residual_mass.to(logits.dtype)
+    row_sums = values.sum(dim=1) + residual_mass
+    logit_sums = logits.sum(dim=1)
+    if batch.probabilistic:
+        return _probability_target_loss(logits, batch.target.to(logits.dtype), indices, values, residual_mass,
+                                        row_sums, logit_sums, mode, alpha, include_diagonal)
+    target = batch.target
+    index = target[:, None]
+    true_logit = logits.gather(1, index).squeeze(1)
+    lse = logits.logsumexp(dim=1)
+    hard = lse - true_logit
+    if mode == "ce":
+        return hard
+    soft_dot = (values[target] * logits.gather(1, indices[target])).sum(dim=1)
+    mass = residual_mass[target]
+    if mode == "decoupled":
+        lse_residual = logits.scatter(1, index, float("-inf")).logsumexp(dim=1)
+        mean_other = (logit_sums - true_logit) / (num_classes - 1)
+        residual = lse_residual * row_sums[target] - soft_dot - mass * mean_other
+        return F.softplus(lse_residual - true_logit) + alpha * residual
+    mean_allowed = logit_sums / num_classes if include_diagonal else (logit_sums - true_logit) / (num_classes - 1)
+    soft = lse * row_sums[target] - soft_dot - mass * mean_allowed
+    return (1.0 - alpha) * hard + alpha * soft
+
+
+def _probability_target_loss(
+    logits: Tensor, target: Tensor, indices: Tensor, values: Tensor, residual_mass: Tensor, row_sums: Tensor,
+    logit_sums: Tensor, mode: str, alpha: float, include_diagonal: bool,
+) -> Tensor:
+    """The t-weighted mixture of the per-class losses (see the module docstring)."""
+    num_classes = logits.shape[1]
+    lse = logits.logsumexp(dim=1)
+    hard = lse * target.sum(dim=1) - (target * logits).sum(dim=1)
+    if mode == "ce":
+        return hard
+    soft_dot = (logits * _sparse_rows_times(target, indices, values)).sum(dim=1)
+    weighted_mass = target * residual_mass  # t_c r_c, for the residual floor's missing own class
+    target_mass = weighted_mass.sum(dim=1)  # sum_c t_c r_c (not a matmul: autocast would run it in bf16/fp16)
+    if mode == "decoupled":
+        # sum_c t_c s_c lse_{-c} - z . (t V) - sum_c t_c r_c (sum z - z_c) / (K - 1)
+        lse_without = _logsumexp_without_each_class(logits)
+        floor_dot = (target_mass * logit_sums - (weighted_mass * logits).sum(dim=1)) / (num_classes - 1)
+        residual = ((target * row_sums) * lse_without).sum(dim=1) - soft_dot - floor_dot
+        return hard + alpha * residual
+    if include_diagonal:
+        floor_dot = target_mass * logit_sums / num_classes
+    else:
+        floor_dot = (target_mass * logit_sums - (weighted_mass * logits).sum(dim=1)) / (num_classes - 1)
+    soft = lse * (target * row_sums).sum(dim=1) - soft_dot - floor_dot
+    return (1.0 - alpha) * hard + alpha * soft

@@ -29,25 +29,34 @@ batch's merge into the candidate table: triples of any rows), :func:`_coalesce_r
 row's old entries with every rank's candidates), :func:`_refresh_weights` (the dense refresh as weights).
 """
 
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from lightning_adalabel.compiled_loss import compiled
-from lightning_adalabel.fused import _counted, _tallies
-from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
-from lightning_adalabel.sparse_losses import sparse_loss_per_sample, sparse_soft_label_loss
-from lightning_adalabel.validation import check_bool, check_engine_config, check_int
+from lightning_adalabel.engine import Collective, LabelMatrixEngine
+from lightning_adalabel.fused import sparse_soft_label_loss
+from lightning_adalabel.inputs import ClassificationBatch, _format, _reduce
+from lightning_adalabel.losses import sparse_loss_per_sample
+from lightning_adalabel.state_versions import SPARSE_STATE_VERSION, read_sparse_engine_state
+from lightning_adalabel.statistics import (
+    COUNTED,
+    SEEN,
+    TALLY_COLUMNS,
+    _counted,
+    _refresh_weights,
+    batch_tallies,
+    softmax_is_statistic,
+    statistics_target,
+)
+from lightning_adalabel.validation import check_int, warn_deprecated
 
-STATE_VERSION = 1
 # Class indices travel through the cross-rank gather as float32, exact below 2^24.
 _MAX_CLASSES = 2**24
 # Non-negative float32 values order as their bit patterns read as integers: a row-major, value-descending order in one
 # sort key (row * 2^32 + descending bits).
 _ROW_STRIDE, _TOP_BITS = 2**32, 2**31 - 1
-
-GatherFn = Callable[[Tensor], Tensor]
 
 
 class SparseBatchStatistics(NamedTuple):
@@ -83,9 +92,7 @@ def _sparse_statistics(
     """
     with torch.no_grad():
         logits = batch.logits.detach().float()
-        num_classes = logits.shape[1]
-        # Probability targets enter the statistics under their dominant class, as in the dense engine.
-        target = batch.target.argmax(dim=1) if batch.probabilistic else batch.target
+        target = statistics_target(batch)  # a probability target's dominant class, as in the dense engine
         index = target[:, None]
         if from_loss is None:
             masked = logits if include_diagonal else logits.scatter(1, index, float("-inf"))
@@ -99,11 +106,11 @@ def _sparse_statistics(
         # The true logit against the largest other one (or all, with the diagonal): a tie counts as right.
         correct = true_logit >= largest
         counted = _counted(samples, finite & batch.valid, correct)
-        columns = (value[:, None] for value in (counted, batch.valid, finite, batch.invalid, target))
-        destination, counts = _tallies(*columns, num_classes)  # type: ignore[call-arg]  # the dense engine's tallies
+        destination, counts = batch_tallies(batch, target, counted, finite)
         if samples == "none":
             empty = logits.new_zeros(logits.shape[0], 0)
-            return SparseBatchStatistics(destination, empty.long(), empty, empty[:, 0], target, counts)
+            return SparseBatchStatistics(destination, empty.long(), empty, logits.new_zeros(logits.shape[0]), target,
+                                         counts)
         if estimator == "confusion":  # one count for the top allowed class, the first of ties (as argmax)
             columns = masked.argmax(dim=1, keepdim=True)
             values, rest = torch.ones_like(columns, dtype=logits.dtype), logits.new_zeros(logits.shape[0])
@@ -189,31 +196,6 @@ def _coalesce_rows(columns: Tensor, values: Tensor, width: int, fill: Tensor) ->
     return indices, kept, dropped
 
 
-def _refresh_weights(
-    counts: Tensor, seen: Tensor, momentum: float, prior: str, prior_strength: float, empty_rows: str
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Per row, the weights of the old row, of the statistics' sums and of the uniform row in the refreshed row:
-    the dense engine's ``lerp(Q, estimate, momentum)`` with ``estimate = (S + m prior) / (n + m)`` written as one
-    linear combination (see :func:`lightning_adalabel.label_matrix._label_matrix_compute`)."""
-    nonempty = counts > 0
-    if prior_strength > 0:
-        pseudo = prior_strength * seen
-        total = counts + pseudo
-        denominator = torch.where(total > 0, total, 1.0)
-    else:
-        pseudo, denominator = torch.zeros_like(counts), counts.clamp_min(1.0)
-    prior_weight = pseudo / denominator
-    estimate_old = prior_weight if prior == "previous" else torch.zeros_like(counts)
-    estimate_uniform = prior_weight if prior == "uniform" else torch.zeros_like(counts)
-    if empty_rows == "uniform":  # a row without samples is reset to the uniform row
-        estimate_old = torch.where(nonempty, estimate_old, 0.0)
-        estimate_uniform = torch.where(nonempty, estimate_uniform, 1.0)
-        weight = torch.full_like(counts, momentum)
-    else:  # weight 0 keeps a row
-        weight = nonempty.to(counts.dtype) * momentum
-    return (1.0 - weight) + weight * estimate_old, weight / denominator, weight * estimate_uniform
-
-
 def _class_index_loss_and_statistics(
     logits: Tensor, target: Tensor, ignore_index: int, indices: Tensor, values: Tensor, residual_mass: Tensor,
     decoupled: bool, alpha: float, reduction: str, samples: str, estimator: str, include_diagonal: bool,
@@ -226,28 +208,29 @@ def _class_index_loss_and_statistics(
     batch = _format(logits, target, ignore_index)
     per_row, probs, largest, logit_sums = sparse_soft_label_loss(
         batch, indices, values, residual_mass, decoupled, alpha, include_diagonal)
-    shared = samples == "none" or (estimator == "mean" and include_diagonal != decoupled)
+    shared = softmax_is_statistic(samples, estimator, include_diagonal, decoupled)
     statistics = _sparse_statistics(batch, samples, estimator, include_diagonal, statistics_top_k,
                                     (probs, largest, logit_sums) if shared else None)
     return _reduce(per_row, batch, reduction), statistics
 
 
-class SparseLabelMatrix:
-    """Q with ``top_k`` entries per row and a uniform remainder, and bounded statistics (see the module docstring).
+class SparseLabelMatrix(LabelMatrixEngine):
+    """Q with ``top_k`` entries per row and a uniform remainder, and bounded statistics (see the module docstring);
+    the :class:`~lightning_adalabel.engine.LabelMatrixEngine` contract.
 
     Args:
         num_classes: K.
         top_k: explicit entries per row of Q (at most the K - 1 other classes, K with ``include_diagonal``).
         samples, estimator, momentum, include_diagonal, prior, prior_strength, start, empty_rows: as
-            :class:`~lightning_adalabel.LabelMatrix`; ``estimator`` is ``"mean"`` or ``"confusion"`` (the
-            ``geometric`` mean of ``log p_res`` has no sparse form).
+            :class:`~lightning_adalabel.label_matrix.LabelMatrix`; ``estimator`` is ``"mean"`` or ``"confusion"``
+            (the ``geometric`` mean of ``log p_res`` has no sparse form).
         statistics_top_k: entries of each sample's ``p_res`` kept in the statistics (default ``2 * top_k``).
         candidates: candidate entries per class in the statistics (default ``4 * top_k``). With these defaults the
             learned rows measured as close to the dense Q as a ``top_k`` truncation of it can be (see
             ``docs/large_label_sets.md``).
         device: where Q and the statistics live (the logits' device).
-        compile_loss: as :class:`~lightning_adalabel.LabelMatrix`, for class-index targets (probability targets run
-            eagerly: torch.compile does not trace their sparse product).
+        compile_loss: as :class:`~lightning_adalabel.label_matrix.LabelMatrix`, for class-index targets
+            (probability targets run eagerly: torch.compile does not trace their sparse product).
 
     Example:
         >>> matrix = SparseLabelMatrix(4, top_k=1)
@@ -276,11 +259,11 @@ class SparseLabelMatrix:
         device: Optional[Union[str, torch.device]] = None,
         compile_loss: bool = False,
     ) -> None:
-        check_int("num_classes", num_classes, minimum=2)
-        check_bool("compile_loss", compile_loss)
+        self._configure(num_classes, compile_loss, samples=samples, estimator=estimator, momentum=momentum,
+                        include_diagonal=include_diagonal, prior=prior, prior_strength=prior_strength, start=start,
+                        empty_rows=empty_rows)
         if num_classes >= _MAX_CLASSES:
             raise ValueError(f"The sparse label matrix takes fewer than {_MAX_CLASSES} classes, got {num_classes}.")
-        check_engine_config(samples, estimator, momentum, include_diagonal, prior, prior_strength, start, empty_rows)
         if estimator == "geometric":
             raise ValueError(
                 "The 'geometric' estimator averages log p_res over all classes, which has no sparse form: use"
@@ -290,59 +273,24 @@ class SparseLabelMatrix:
         check_int("top_k", top_k, minimum=1)
         check_int("statistics_top_k", statistics_top_k, minimum=1, allow_none=True)
         check_int("candidates", candidates, minimum=1, allow_none=True)
-        self.num_classes, self.samples, self.estimator = num_classes, samples, estimator
-        self.momentum, self.include_diagonal, self.prior = float(momentum), include_diagonal, prior
-        self.prior_strength, self.start, self.empty_rows = float(prior_strength), start, empty_rows
         # Never more entries than the row has classes: K - 1 everywhere means nothing is dropped.
         self.top_k = min(top_k, allowed)
         self.statistics_top_k = min(statistics_top_k or 2 * top_k, allowed)
         self.candidates = min(candidates or 4 * top_k, allowed)
         self.allowed = allowed
-        self.compile_loss = compile_loss
         diagonal = torch.arange(num_classes, device=device)
         self.indices = diagonal[:, None].repeat(1, self.top_k)
         self.values = torch.zeros(num_classes, self.top_k, device=device, dtype=torch.float32)
         self.residual_mass = torch.full((num_classes,), 0.0 if start == "zeros" else 1.0, device=device,
                                         dtype=torch.float32)
-        self.num_refreshes = 0
         self.reset_statistics()
 
-    # ---- state -----------------------------------------------------------------------------------------------
+    def _sizes(self) -> Dict[str, Any]:
+        return {"top_k": self.top_k, "statistics_top_k": self.statistics_top_k, "candidates": self.candidates}
 
     @property
     def device(self) -> torch.device:
         return self.values.device
-
-    def reset_statistics(self) -> None:
-        """Forget the statistics gathered since the last refresh (Q is kept), e.g. when a new ``fit`` starts."""
-        num_classes, device = self.num_classes, self.device
-        # Row K is the spare row of samples that are not counted; an unused slot holds the row's class, value 0.
-        spare = torch.arange(num_classes + 1, device=device).clamp_max(num_classes - 1)
-        self.candidate_indices = spare[:, None].repeat(1, self.candidates)
-        self.candidate_values = torch.zeros(num_classes + 1, self.candidates, device=device, dtype=torch.float32)
-        self.uniform_sums = torch.zeros(num_classes + 1, device=device, dtype=torch.float32)
-        self.tallies = torch.zeros(num_classes, 4, device=device, dtype=torch.float32)
-
-    @property
-    def counts(self) -> Tensor:
-        """Number of samples per class that entered the statistics since the last refresh."""
-        return self.tallies[:, 0]
-
-    @property
-    def seen(self) -> Tensor:
-        """Number of samples per class seen since the last refresh, counted or not."""
-        return self.tallies[:, 1]
-
-    @property
-    def nonfinite(self) -> Tensor:
-        """Number of samples per class left out since the last refresh because their logits held NaN or +inf, or
-        -inf at the target class (as the dense engine's)."""
-        return self.tallies[:, 2]
-
-    @property
-    def invalid(self) -> Tensor:
-        """Number of invalid targets since the last refresh (all in row 0)."""
-        return self.tallies[:, 3]
 
     def to(self, device: Union[str, torch.device]) -> "SparseLabelMatrix":
         for name in ("indices", "values", "residual_mass", "candidate_indices", "candidate_values", "uniform_sums",
@@ -350,13 +298,29 @@ class SparseLabelMatrix:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
+    def reset_statistics(self) -> None:
+        num_classes, device = self.num_classes, self.device
+        # Row K is the spare row of samples that are not counted; an unused slot holds the row's class, value 0.
+        spare = torch.arange(num_classes + 1, device=device).clamp_max(num_classes - 1)
+        self.candidate_indices = spare[:, None].repeat(1, self.candidates)
+        self.candidate_values = torch.zeros(num_classes + 1, self.candidates, device=device, dtype=torch.float32)
+        self.uniform_sums = torch.zeros(num_classes + 1, device=device, dtype=torch.float32)
+        self.tallies = torch.zeros(num_classes, TALLY_COLUMNS, device=device, dtype=torch.float32)
+
+    # ---- Q -----------------------------------------------------------------------------------------------------
+
+    def rows(self, classes: Tensor) -> Tensor:
+        """The dense rows of Q of the given classes, ``(len(classes), K)``: their uniform remainder with their
+        explicit entries added."""
+        floor = (self.residual_mass.index_select(0, classes) / self.allowed)[:, None]
+        rows = floor.expand(classes.shape[0], self.num_classes).clone()
+        if not self.include_diagonal:
+            rows.scatter_(1, classes[:, None], 0.0)
+        return rows.scatter_add_(1, self.indices.index_select(0, classes), self.values.index_select(0, classes))
+
     def to_dense(self) -> Tensor:
         """Q as a ``K x K`` tensor: for tests and small K only (it is the tensor this class exists to avoid)."""
-        num_classes = self.num_classes
-        uniform = (self.residual_mass / self.allowed)[:, None].expand(num_classes, num_classes).clone()
-        if not self.include_diagonal:
-            uniform.fill_diagonal_(0.0)
-        return uniform.scatter_add_(1, self.indices, self.values)
+        return self.rows(torch.arange(self.num_classes, device=self.device))
 
     def top_pairs(self, n: int) -> Tuple[Tensor, Tensor, Tensor]:
         """``(rows, columns, Q values)`` of the ``n`` largest explicit off-diagonal entries, largest first."""
@@ -375,16 +339,7 @@ class SparseLabelMatrix:
 
     # ---- the loss and the statistics -------------------------------------------------------------------------
 
-    def loss(
-        self, logits: Tensor, target: Tensor, loss: str = "decoupled", alpha: float = 1.0, ignore_index: int = -100,
-        reduction: str = "mean",
-    ) -> Tuple[Tensor, SparseBatchStatistics]:
-        """The loss of a batch with this Q and the batch's statistics; :meth:`add` them once the step is done."""
-        _arg_validation(ignore_index, reduction)
-        _tensor_validation(logits, target, self.num_classes)
-        return self._loss_and_statistics(logits, target, ignore_index, loss, alpha, reduction)
-
-    def _loss_and_statistics(
+    def loss_and_statistics(
         self, logits: Tensor, target: Tensor, ignore_index: int, loss: str, alpha: float, reduction: str = "mean"
     ) -> Tuple[Tensor, SparseBatchStatistics]:
         """The reduced loss and the statistics of a checked batch (see :func:`_class_index_loss_and_statistics`),
@@ -392,12 +347,17 @@ class SparseLabelMatrix:
         if loss == "ce" or target.is_floating_point():
             # Eager even with compile_loss: torch.compile does not trace the sparse CSR product of probability targets.
             batch = _format(logits, target, ignore_index)
-            return self.reduced_loss(batch, loss, alpha, reduction), self.batch_statistics(batch)
+            return self._batch_loss(batch, loss, alpha, reduction), self.batch_statistics(batch)
         compute = compiled(_class_index_loss_and_statistics) if self.compile_loss else _class_index_loss_and_statistics
         return compute(logits, target, ignore_index, self.indices, self.values, self.residual_mass, loss == "decoupled",
                        alpha, reduction, self.samples, self.estimator, self.include_diagonal, self.statistics_top_k)
 
-    def reduced_loss(self, batch: ClassificationBatch, loss: str, alpha: float, reduction: str = "mean") -> Tensor:
+    def loss_only(
+        self, logits: Tensor, target: Tensor, ignore_index: int, loss: str, alpha: float, reduction: str = "mean"
+    ) -> Tensor:
+        return self._batch_loss(_format(logits, target, ignore_index), loss, alpha, reduction)
+
+    def _batch_loss(self, batch: ClassificationBatch, loss: str, alpha: float, reduction: str) -> Tensor:
         """The loss of a formatted batch with this Q, reduced as torch reduces; no statistics."""
         if loss != "ce" and not batch.probabilistic:
             return _reduce(sparse_soft_label_loss(batch, self.indices, self.values, self.residual_mass,
@@ -410,11 +370,6 @@ class SparseLabelMatrix:
     def batch_statistics(self, batch: ClassificationBatch) -> SparseBatchStatistics:
         """The statistics of a formatted batch, from its logits."""
         return _sparse_statistics(batch, self.samples, self.estimator, self.include_diagonal, self.statistics_top_k)
-
-    def update(self, logits: Tensor, target: Tensor, ignore_index: int = -100) -> None:
-        """Accumulate one batch in ``F.cross_entropy``'s layouts (see :meth:`LabelMatrix.update`)."""
-        _tensor_validation(logits, target, self.num_classes)
-        self.add(self.batch_statistics(_format(logits.detach(), target.detach(), ignore_index)))
 
     def add(self, statistics: SparseBatchStatistics) -> None:
         """Merge a batch's statistics into the candidate table: the rows of the batch's classes are coalesced with
@@ -454,23 +409,18 @@ class SparseLabelMatrix:
         return torch.cat([self.tallies, self.uniform_sums[:num_classes, None],
                           self.candidate_indices[:num_classes].float(), self.candidate_values[:num_classes]], dim=1)
 
-    def refresh(self, gather: Optional[GatherFn] = None) -> Tensor:
-        """Fold the statistics into Q and reset them; return the (gathered) ``K x 4`` tallies that were used.
-
-        Args:
-            gather: stacks a tensor from every process (``W x ...``, e.g. the strategy's all-gather), called once
-                on one ``K x (5 + 2c)`` tensor; every rank merges the same stack in the same order, so every rank
-                ends with the same Q.
-        """
+    def _refresh(self, collective: Collective) -> Tensor:
+        # One gather over processes of one K x (5 + 2c) tensor; every rank merges the same stack in the same order, so
+        # every rank ends with the same Q.
         num_classes, width, device = self.num_classes, self.candidates, self.device
         packed = self._packed_statistics()
-        stacked = packed[None] if gather is None else gather(packed).reshape(-1, *packed.shape)
-        tallies, uniform_sums = stacked[:, :, :4].sum(dim=0), stacked[:, :, 4].sum(dim=0)
-        candidate_indices = stacked[:, :, 5:5 + width].round().long()
-        candidate_values = stacked[:, :, 5 + width:]
+        stacked = collective.gather(packed).reshape(-1, *packed.shape)
+        tallies, uniform_sums = stacked[:, :, :TALLY_COLUMNS].sum(dim=0), stacked[:, :, TALLY_COLUMNS].sum(dim=0)
+        candidate_indices = stacked[:, :, TALLY_COLUMNS + 1:TALLY_COLUMNS + 1 + width].round().long()
+        candidate_values = stacked[:, :, TALLY_COLUMNS + 1 + width:]
         if self.samples != "none":
             old_weight, stat_weight, uniform_weight = _refresh_weights(
-                tallies[:, 0], tallies[:, 1], self.momentum, self.prior, self.prior_strength, self.empty_rows)
+                tallies[:, COUNTED], tallies[:, SEEN], self.momentum, self.prior, self.prior_strength, self.empty_rows)
             classes = torch.arange(num_classes, device=device)
             # Row k: its old entries, then rank 0's candidates, rank 1's, ... (the same order on every rank).
             columns = torch.cat([self.indices, candidate_indices.transpose(0, 1).reshape(num_classes, -1)], dim=1)
@@ -481,23 +431,17 @@ class SparseLabelMatrix:
             self.residual_mass = (self.residual_mass * old_weight + uniform_sums * stat_weight + uniform_weight
                                   + dropped)
         self.reset_statistics()
-        self.num_refreshes += 1
         return tallies
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
-
-    def _config(self) -> Dict[str, Any]:
-        keys = ("num_classes", "top_k", "statistics_top_k", "candidates", "samples", "estimator", "momentum",
-                "include_diagonal", "prior", "prior_strength", "start", "empty_rows")
-        return {key: getattr(self, key) for key in keys}
 
     def state_dict(self) -> Dict[str, Any]:
         """Q and the statistics: ``O(K (top_k + candidates))`` numbers, never ``K x K``."""
         num_classes = self.num_classes
         return {
-            "version": STATE_VERSION,
+            "version": SPARSE_STATE_VERSION,
             "kind": "sparse",
-            **self._config(),
+            **self.config(),
             "indices": self.indices,
             "values": self.values,
             "residual_mass": self.residual_mass,
@@ -511,22 +455,12 @@ class SparseLabelMatrix:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore Q and the statistics onto this matrix's device; the configuration must match and the values must
         be a valid sparse label matrix with finite, non-negative statistics of the right shapes."""
-        if not isinstance(state, dict) or state.get("kind") != "sparse" or state.get("version") != STATE_VERSION:
-            raise ValueError(
-                "This label-matrix state was not written by SparseLabelMatrix.state_dict() (version"
-                f" {STATE_VERSION}): resume with the same AdaLabel(top_k=...) that wrote it, or start a new run."
-            )
-        mismatched = [f"{key}={state.get(key)!r} (this one has {value!r})" for key, value in self._config().items()
-                      if state.get(key) != value]
-        if mismatched:
-            raise ValueError(
-                "The sparse label-matrix state was saved with a different configuration: " + ", ".join(mismatched)
-                + ". Resume with the same settings, or start a new run without this checkpoint."
-            )
+        state = read_sparse_engine_state(state)
+        self._check_config(state)
         num_classes, k, c = self.num_classes, self.top_k, self.candidates
         shapes = {"indices": (num_classes, k), "values": (num_classes, k), "residual_mass": (num_classes,),
                   "candidate_indices": (num_classes, c), "candidate_values": (num_classes, c),
-                  "uniform_sums": (num_classes,), "tallies": (num_classes, 4)}
+                  "uniform_sums": (num_classes,), "tallies": (num_classes, TALLY_COLUMNS)}
         for key, shape in shapes.items():
             value = state.get(key)
             if not isinstance(value, Tensor) or tuple(value.shape) != shape:
@@ -558,13 +492,7 @@ class SparseLabelMatrix:
         self.tallies.copy_(state["tallies"].to(device, torch.float32))
         self.num_refreshes = state["num_refreshes"]
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        # As LabelMatrix: a process started by torch.multiprocessing owns its copy of the (shared-memory) tensors.
-        self.__dict__.update(state)
-        self.__dict__.setdefault("compile_loss", False)  # pickled before the setting existed
-        for key, value in state.items():
-            if isinstance(value, Tensor):
-                setattr(self, key, value.clone())
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(" + ", ".join(f"{key}={value!r}" for key, value in self._config().items()) + ")"
+    def reduced_loss(self, batch: ClassificationBatch, loss: str, alpha: float, reduction: str = "mean") -> Tensor:
+        """Deprecated: :meth:`loss_only`, the contract's name, takes the batch as passed to the loss."""
+        warn_deprecated("SparseLabelMatrix.reduced_loss", "SparseLabelMatrix.loss_only")
+        return self._batch_loss(batch, loss, alpha, reduction)

@@ -5,6 +5,7 @@ same words wherever it is given, and as soon as it is given.
 """
 
 import math
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -180,3 +181,19 @@ def validate_label_matrix(
             f" diagonal entries up to {matrix.diagonal().max():.4g}. If it is a full-softmax matrix (e.g. from"
             " preset 'ols'), set include_diagonal=True and loss='mixed'."
         )
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """Warn that ``old`` (a name or a way of calling) is deprecated in favour of ``new``; it keeps working for one
+    minor version.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_deprecated("lightning_adalabel.f", "lightning_adalabel.g")
+        >>> print(caught[0].message)
+        lightning_adalabel.f is deprecated and will be removed in the next minor version: use lightning_adalabel.g.
+    """
+    warnings.warn(f"{old} is deprecated and will be removed in the next minor version: use {new}.", DeprecationWarning,
+                  stacklevel=3)

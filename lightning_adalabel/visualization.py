@@ -124,13 +124,31 @@ def top_correlated_pairs(
     """
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"Expected a square K x K label matrix, got shape {tuple(matrix.shape)}.")
+    return named_pairs(top_off_diagonal(matrix.cpu(), n), class_names, matrix.shape[0])
+
+
+def top_off_diagonal(matrix: Tensor, n: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(rows, columns, values)`` of the ``n`` largest off-diagonal entries of a K x K ``matrix``, largest first, on
+    its device.
+
+    Example:
+        >>> import torch
+        >>> top_off_diagonal(torch.tensor([[0.0, 0.9, 0.1], [0.5, 0.0, 0.5], [0.2, 0.8, 0.0]]), 2)
+        (tensor([0, 2]), tensor([1, 1]), tensor([0.9000, 0.8000]))
+    """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"`n` must be a non-negative integer, got {n!r}.")
     num_classes = matrix.shape[0]
-    names = _class_labels(class_names, num_classes)
-    values = matrix.detach().float().cpu().clone().fill_diagonal_(float("-inf")).flatten()
+    values = matrix.detach().float().clone().fill_diagonal_(float("-inf")).flatten()
     top = values.topk(min(n, num_classes * (num_classes - 1)))
-    return [
-        (names[index // num_classes], names[index % num_classes], round(value, 6))
-        for value, index in zip(top.values.tolist(), top.indices.tolist())
-    ]
+    return top.indices // num_classes, top.indices % num_classes, top.values
+
+
+def named_pairs(
+    pairs: Tuple[Tensor, Tensor, Tensor], class_names: Optional[Sequence[str]], num_classes: int
+) -> List[Tuple[str, str, float]]:
+    """``(rows, columns, values)`` (an engine's ``top_pairs``) as ``(target class, soft-label class, Q value)``
+    triples, the classes named (``class_names``, or their indices) and the values rounded to 6 digits."""
+    names = _class_labels(class_names, num_classes)
+    rows, columns, values = (part.tolist() for part in pairs)
+    return [(names[row], names[column], round(value, 6)) for row, column, value in zip(rows, columns, values)]

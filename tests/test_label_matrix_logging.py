@@ -15,7 +15,8 @@ from lightning_adalabel import (
     initial_label_matrix,
     top_correlated_pairs,
 )
-from lightning_adalabel.label_matrix_logging import label_matrix_dir, log_label_matrix
+from lightning_adalabel.label_matrix import LabelMatrix
+from lightning_adalabel.label_matrix_logging import label_matrix_dir, log_heatmap_and_pairs
 from tests.helpers import fit, make_loader
 
 NUM_CLASSES = 5
@@ -74,7 +75,7 @@ def test_logging_is_off_by_default(tmp_path):
 def test_only_global_rank_zero_writes(tmp_path):
     not_rank_zero = SimpleNamespace(is_global_zero=False, global_step=3, loggers=[], log_dir=str(tmp_path),
                                     default_root_dir=str(tmp_path))
-    log_label_matrix(not_rank_zero, initial_label_matrix(3))  # type: ignore[arg-type]
+    log_heatmap_and_pairs(not_rank_zero, LabelMatrix(3))  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
 
 

@@ -189,7 +189,7 @@ def test_copies_of_a_callback_are_independent_under_ddp_spawn(clone, monkeypatch
     monkeypatch.delenv("MASTER_PORT", raising=False)
     template = AdaLabel()
     untrained, trained = clone(template), clone(template)
-    assert len({template._spawned_state_path, untrained._spawned_state_path, trained._spawned_state_path}) == 3
+    assert len({template._hand_over.path, untrained._hand_over.path, trained._hand_over.path}) == 3
     fit(trained, devices=2, strategy="ddp_spawn", max_epochs=2)
     assert untrained.label_matrix is None and template.label_matrix is None  # read first: they take nothing
     assert trained.label_matrix is not None and trained.label_matrix.num_refreshes == 2

@@ -41,6 +41,20 @@ def test_top_k_of_all_classes_trains_as_the_dense_callback(settings):
     assert not torch.allclose(runs[0][0], runs[0][0].new_full(runs[0][0].shape, runs[0][0][0, 1].item()))
 
 
+@pytest.mark.parametrize("preset", ["label_smoothing", "none"])
+def test_presets_that_never_refresh_train_with_top_k_as_the_dense_callback(preset):
+    """samples="none": the sparse engine counts the batches (for the invalid-target check) and Q stays as it started."""
+    runs = []
+    for top_k in (None, 2):
+        torch.manual_seed(0)
+        callback = AdaLabel(preset=preset, top_k=top_k)
+        _, model = fit(callback, loader=make_loader(64), max_epochs=2)
+        runs.append((callback.engine.to_dense(), model.net.weight.detach()))
+    assert callback.engine.num_refreshes == 2
+    torch.testing.assert_close(runs[1][0], runs[0][0])
+    torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-5, rtol=1e-4)
+
+
 def test_small_top_k_keeps_k_entries_per_row_and_trains():
     callback = AdaLabel(top_k=2, samples="all", num_classes=5)
     fit(callback, loader=make_loader(64), max_epochs=2)

@@ -297,7 +297,7 @@ def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process
             **trainer_kwargs(callbacks=[callback], devices=2, strategy="ddp_spawn", max_epochs=max_epochs)
         )
         trainer.fit(model, make_loader(num_samples=64, batch_size=8))
-        hand_over = callback._spawned_state_path
+        hand_over = callback._hand_over.path
         assert os.path.exists(hand_over)  # written by rank 0, not read yet
     engine = callback.label_matrix
     assert engine is not None

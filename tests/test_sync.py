@@ -16,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, fused, inputs, label_matrix, losses
-from lightning_adalabel import compiled_loss, sparse_label_matrix, sparse_losses
+from lightning_adalabel import AdaLabel, AdaLabelMixin, fused, inputs, label_matrix, losses, statistics
+from lightning_adalabel import compiled_loss, sparse_label_matrix
+from lightning_adalabel.engine import LabelMatrixEngine
+from lightning_adalabel.label_matrix import LabelMatrix
 from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
@@ -188,10 +190,12 @@ def module_functions(module: Any) -> List[Callable]:
 
 
 PER_BATCH_FUNCTIONS = [
-    LabelMatrix.update,
-    LabelMatrix.update_batch,
-    LabelMatrix.loss,
-    LabelMatrix._loss_and_statistics,
+    # The contract's per-batch methods, shared by both engines.
+    LabelMatrixEngine.update,
+    LabelMatrixEngine.loss,
+    *module_functions(statistics),  # the tallies and the counted rule (the refresh's helpers too)
+    LabelMatrix.loss_and_statistics,
+    LabelMatrix.loss_only,
     label_matrix._loss_and_statistics,
     *module_functions(compiled_loss),
     LabelMatrix.add,
@@ -210,19 +214,17 @@ PER_BATCH_FUNCTIONS = [
     label_matrix.residual_prediction_stats,
     *module_functions(losses),  # every loss and its helpers
     # The sparse engine (top_k): its loss, statistics and batch merge, and the refresh's helpers too.
-    SparseLabelMatrix.loss,
-    SparseLabelMatrix._loss_and_statistics,
-    SparseLabelMatrix.reduced_loss,
+    SparseLabelMatrix.loss_and_statistics,
+    SparseLabelMatrix.loss_only,
+    SparseLabelMatrix._batch_loss,
     SparseLabelMatrix.batch_statistics,
-    SparseLabelMatrix.update,
     SparseLabelMatrix.add,
     SparseLabelMatrix._merge,
     *module_functions(sparse_label_matrix),
-    *module_functions(sparse_losses),
-    sparse_losses._SparseSoftLabelCrossEntropy.forward,
-    sparse_losses._SparseSoftLabelCrossEntropy.backward,
+    fused._SparseSoftLabelCrossEntropy.forward,
+    fused._SparseSoftLabelCrossEntropy.backward,
     AdaLabel.loss,
-    AdaLabel._label_matrix_for,
+    AdaLabel._engine_for,
     AdaLabel.on_train_batch_start,
     AdaLabel.on_train_batch_end,
     AdaLabelMixin.adalabel_loss,
