@@ -12,11 +12,11 @@ Each method runs in its own process (so its peak RSS is its own) for the same nu
 - ``alr top_k=k``: ``AdaLabel(top_k=k)`` (the sparse engine), refreshed every ``--refresh-every`` steps;
 - ``alr dense``: ``AdaLabel()`` (the K x K engine), where it fits (``--dense-up-to``).
 
-Reported: peak RSS of the process, median ms per training step (the wall-clock between consecutive batch starts:
-forward, loss, backward, optimizer, callbacks) and its ratio to ``ce``, median ms per refresh, and how well the learned
-rows recover the groups: over the classes whose row was refreshed, the share of a row's explicit mass on its group
-mates (precision) and the fraction of its group mates among its explicit entries (recall); for the dense engine, of
-its row's ``top_k`` largest entries.
+Reported: peak RSS of the process (and, with ``--device cuda``, its peak CUDA memory), median ms per training step
+(the wall-clock between consecutive batch starts: forward, loss, backward, optimizer, callbacks) and its ratio to
+``ce``, median ms per refresh, and how well the learned rows recover the groups: over the classes whose row was
+refreshed, the share of a row's explicit mass on its group mates (precision) and the fraction of its group mates
+among its explicit entries (recall); for the dense engine, of its row's ``top_k`` largest entries.
 
 ``--error`` adds the approximation's measured error: a run with the dense engine whose every batch is also fed to
 sparse engines of several sizes (the same logits, so only the approximation differs), on groups of
@@ -28,9 +28,11 @@ Usage::
 
     python benchmarks/large_k.py --num-classes 10000 100000 --steps 200 --refresh-every 100
     python benchmarks/large_k.py --skip-speed --error --error-classes 2000 --steps 150 --refresh-every 50
+    python benchmarks/large_k.py --device cuda --num-classes 100000 --json large_k.json   # on a GPU, figures as JSON
 """
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -120,12 +122,16 @@ class AdaLabelHead(AdaLabelMixin, LinearHead):
 
 
 class StepTimer(L.Callback):
-    """The wall-clock between consecutive batch starts: everything a training step costs."""
+    """The wall-clock between consecutive batch starts: everything a training step costs (on a GPU, after waiting for
+    the previous step's kernels)."""
 
-    def __init__(self) -> None:
+    def __init__(self, synchronize: bool = False) -> None:
         self.starts: List[float] = []
+        self.synchronize = synchronize
 
     def on_train_batch_start(self, *args: Any) -> None:
+        if self.synchronize:
+            torch.cuda.synchronize()
         self.starts.append(time.perf_counter())
 
     def step_ms(self, skip: int = 5) -> float:
@@ -152,7 +158,7 @@ def run_method(method: str, top_k: Optional[int], args: argparse.Namespace, num_
     x, y = grouped_data(num_classes, args.group_size, args.per_class, args.features)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(0))
-    timer = StepTimer()
+    timer = StepTimer(synchronize=args.device == "cuda")
     callbacks: List[L.Callback] = [timer]
     if method == "ce":
         model: L.LightningModule = LinearHead(x, y, num_classes, args.group_size)
@@ -160,11 +166,13 @@ def run_method(method: str, top_k: Optional[int], args: argparse.Namespace, num_
         model = AdaLabelHead(x, y, num_classes, args.group_size)
         adalabel = TimedAdaLabel(top_k=top_k, samples="misclassified", refresh_every_n_steps=args.refresh_every)
         callbacks.append(adalabel)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=args.steps, max_epochs=-1, logger=False,
+    trainer = L.Trainer(accelerator=args.device, devices=1, max_steps=args.steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=callbacks)
     trainer.fit(model, loader)
     result: Dict[str, Any] = {"step_ms": timer.step_ms(), "peak_rss_gb": peak_rss_gb()}
+    if args.device == "cuda":
+        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if method != "ce":
         result["refresh_ms"] = statistics.median(adalabel.refresh_ms) if adalabel.refresh_ms else float("nan")
         engine = adalabel.label_matrix
@@ -175,7 +183,7 @@ def run_method(method: str, top_k: Optional[int], args: argparse.Namespace, num_
             indices, values = top.indices, top.values - engine.matrix.min(dim=1, keepdim=True).values
         refreshed = values.sum(dim=1) > 0 if isinstance(engine, SparseLabelMatrix) else (
             engine.matrix.amax(dim=1) - engine.matrix.min(dim=1).values > 1e-9)
-        result.update(group_recovery(indices, values, refreshed, args.group_size))
+        result.update(group_recovery(indices.cpu(), values.cpu(), refreshed.cpu(), args.group_size))
     return result
 
 
@@ -198,9 +206,10 @@ def in_process(method: str, top_k: Optional[int], args: argparse.Namespace, num_
     return result
 
 
-def speed_table(args: argparse.Namespace) -> List[str]:
-    lines = ["| K | method | peak RSS (GB) | ms/step | x CE | ms/refresh | group precision | group recall |"
-             " rows refreshed |", "|---|---|---|---|---|---|---|---|---|"]
+def speed_rows(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """One result of :func:`run_method` per K and method, each from its own process, with ``x_ce``: its ms/step over
+    cross-entropy's at the same K."""
+    rows = []
     for num_classes in args.num_classes:
         methods = [("ce", None), (f"alr top_k={args.top_k}", args.top_k)]
         if num_classes <= args.dense_up_to:
@@ -209,16 +218,30 @@ def speed_table(args: argparse.Namespace) -> List[str]:
         for name, top_k in methods:
             result = in_process("ce" if name == "ce" else "alr", top_k, args, num_classes)
             baseline = baseline or result["step_ms"]
-            cells = [f"{num_classes:,}", name, f"{result['peak_rss_gb']:.2f}", f"{result['step_ms']:.1f}",
-                     f"{result['step_ms'] / baseline:.2f}"]
-            if name == "ce":
-                cells += ["-", "-", "-", "-"]
-            else:
-                cells += [f"{result['refresh_ms']:.0f}", f"{result['precision']:.3f}", f"{result['recall']:.3f}",
-                          f"{result['refreshed']:.3f}"]
-            lines.append("| " + " | ".join(cells) + " |")
-            print(lines[-1], file=sys.stderr, flush=True)
-    return lines
+            rows.append({"K": num_classes, "method": name, **result, "x_ce": result["step_ms"] / baseline})
+            print(speed_line(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def speed_line(row: Dict[str, Any]) -> str:
+    """One row of the speed table; the CUDA column reads "-" on the CPU.
+
+    Example:
+        >>> speed_line({"K": 1000, "method": "ce", "peak_rss_gb": 1.234, "step_ms": 2.0, "x_ce": 1.0})
+        '| 1,000 | ce | 1.23 | 2.0 | 1.00 | - | - | - | - | - |'
+    """
+    cells = [f"{row['K']:,}", row["method"], f"{row['peak_rss_gb']:.2f}", f"{row['step_ms']:.1f}", f"{row['x_ce']:.2f}"]
+    if row["method"] == "ce":
+        cells += ["-", "-", "-", "-"]
+    else:
+        cells += [f"{row['refresh_ms']:.0f}", f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+                  f"{row['refreshed']:.3f}"]
+    cells.append(f"{row['peak_cuda_gb']:.2f}" if "peak_cuda_gb" in row else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+SPEED_HEADER = ["| K | method | peak RSS (GB) | ms/step | x CE | ms/refresh | group precision | group recall |"
+                " rows refreshed | peak CUDA memory (GB) |", "|---|---|---|---|---|---|---|---|---|---|"]
 
 
 def error_table(args: argparse.Namespace) -> List[str]:
@@ -296,10 +319,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--error-top-k", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--error-group-size", type=int, default=32)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the speed runs train")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the speed rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; " + " ".join(sys.argv[1:]), flush=True)
-    if not args.skip_speed:
-        print("\n".join(speed_table(args)))
+    rows = [] if args.skip_speed else speed_rows(args)
+    if rows:
+        print("\n".join(SPEED_HEADER + [speed_line(row) for row in rows]))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump({"arguments": vars(args), "speed": rows}, file, indent=2)
     if args.error:
         print("\n".join(error_table(args)))
 

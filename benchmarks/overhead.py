@@ -18,18 +18,22 @@ Usage::
 
     python benchmarks/overhead.py                      # CPU, small CNN on 3x32x32 inputs, K=10
     python benchmarks/overhead.py --device cuda        # same on a GPU
-    python benchmarks/overhead.py --device cuda --model resnet50 --precision bf16-mixed --num-classes 1000 \\
-        --batch-size 64 --image-size 224               # ResNet-50, ImageNet-sized (needs torchvision and a GPU)
+    python benchmarks/overhead.py --device cuda --model resnet50 --precision bf16-mixed --channels-last \\
+        --num-classes 1000 --batch-size 64 --image-size 224   # ResNet-50, ImageNet-sized (needs torchvision, a GPU)
+
+``--json PATH`` also writes every figure (the environment, the arguments and each table's rows) as JSON;
+``benchmarks/gpu_check.py`` reads it.
 """
 
 import argparse
+import json
 import os
 import resource
 import statistics
 import sys
 import time
 from multiprocessing import get_context
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
@@ -65,13 +69,17 @@ def build_network(name: str, num_classes: int) -> nn.Module:
 
 
 class PlainClassifier(L.LightningModule):
-    """The baseline: ``F.cross_entropy``, no mixin, no callback."""
+    """The baseline: ``F.cross_entropy``, no mixin, no callback. With ``channels_last`` the images enter the network
+    in the channels-last layout its weights were given (what the ImageNet recipe does on a GPU)."""
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, channels_last: bool = False) -> None:
         super().__init__()
         self.network = network
+        self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.network(x)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -109,16 +117,32 @@ class StepTimer(L.Callback):
         self._last = now
 
 
-def time_training_loop(variant: str, args: argparse.Namespace, loader: DataLoader) -> List[float]:
+class PrebuiltBatches:
+    """Batches made ahead, iterated as a DataLoader iterates its batches (Lightning would read a plain list as one
+    loader per element)."""
+
+    def __init__(self, batches: List[Tuple[Tensor, Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def time_training_loop(variant: str, args: argparse.Namespace, loader: Iterable[Any]) -> List[float]:
     """Step times (seconds) of ``args.steps`` measured steps of one loop variant."""
     torch.manual_seed(0)
     network = build_network(args.model, args.num_classes)
+    if args.channels_last:
+        network = network.to(memory_format=torch.channels_last)
     timer = StepTimer(args.warmup, synchronize=args.device == "cuda")
     callbacks: List[L.Callback] = [timer]
     if variant == "plain F.cross_entropy":
-        model: L.LightningModule = PlainClassifier(network)
+        model: L.LightningModule = PlainClassifier(network, args.channels_last)
     else:
-        model = AdaLabelClassifier(network)
+        model = AdaLabelClassifier(network, args.channels_last)
         preset, *options = variant.split("=")[1].split(", ")
         callbacks.insert(0, AdaLabel(preset=preset, num_classes=args.num_classes,
                                      compile_loss="compile_loss" in options))
@@ -136,7 +160,10 @@ def benchmark_training_step(args: argparse.Namespace) -> List[Dict[str, Any]]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(size * args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     y = torch.randint(0, args.num_classes, (size * args.batch_size,), generator=generator)
-    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=False)
+    loader: Iterable[Any] = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, shuffle=False)
+    if args.batches_on_device:  # whole batches made ahead, already on the device: a step times the model, not the data
+        loader = PrebuiltBatches([(x[i:i + args.batch_size].to(args.device), y[i:i + args.batch_size].to(args.device))
+                                  for i in range(0, len(y), args.batch_size)])
     variants = ["plain F.cross_entropy", "AdaLabel preset=none", "AdaLabel preset=alr"]
     if not args.skip_compiled:
         variants.append("AdaLabel preset=alr, compile_loss")
@@ -421,6 +448,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batches-on-device", action="store_true",
+                        help="train on whole batches made ahead on the device (no DataLoader, no host-to-device copy),"
+                        " so that a step times the model, the loss and the optimizer alone")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the network's weights and its input images in the channels-last memory layout")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per loop and round")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps at the start of each loop")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the loops")
@@ -438,6 +470,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         " cost 256 page faults; PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 avoids thread-pool stalls on a busy machine")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write every figure (environment, arguments, each table's rows) to this JSON file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
@@ -468,6 +502,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\nAt large K, one thread, each phase in a fresh process (extra MB: peak resident size above the size"
               " before the phase):\n")
         print(memory_table(memory))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump({"environment": environment, "arguments": vars(args), "training": training, "micro": micro,
+                       "memory": memory}, file, indent=2)
     return 0
 
 

@@ -182,6 +182,7 @@ def test_resume_with_a_different_preset_is_a_clear_error(settings, alr_checkpoin
         fit(tmp_path, ckpt_path=alr_checkpoint, **settings)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_checkpoint_restored_on_cuda_refreshes_on_the_module_device(tmp_path):
     """Checkpoints load on the CPU; the restored matrix must reach the GPU before the resumed epoch-end refresh,
