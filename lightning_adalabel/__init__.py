@@ -16,7 +16,7 @@ from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 from lightning_adalabel.validation import validate_label_matrix
 from lightning_adalabel.visualization import plot_label_matrix, top_correlated_pairs
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "AdaLabel",
