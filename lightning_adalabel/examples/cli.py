@@ -24,7 +24,8 @@ commands:
 
 Resume a preempted or requeued job with the same command plus --trainer.default_root_dir DIR --ckpt_path last.
 
-`adalabel <fit|validate|test|predict> --help` lists every option (--trainer.*, --model.*, --data.*, --adalabel.*).
+`adalabel <fit|validate|test|predict> --config <recipe> --help` lists every option: --trainer.*, --adalabel.*,
+and the recipe's --model.* and --data.*.
 Errors are told in one line; add --traceback (or set ADALABEL_TRACEBACK=1) to see where they came from.
 """
 

@@ -18,6 +18,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 from lightning_adalabel.examples.cli import main  # noqa: E402
+from lightning_adalabel.examples.recipes import tiny_checkpoint  # noqa: E402
 from lightning_adalabel.examples.recipes.lightning_cli import run  # noqa: E402
 from lightning_adalabel.examples.recipes.token_classification import (  # noqa: E402
     CONLL2003_TAGS,
@@ -35,7 +36,6 @@ from tests.examples.test_recipes import (  # noqa: E402
     write_text_csvs,
 )
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Words left out of the test vocabulary, and the pieces they split into: "calls" -> call ##s, "germany" -> german ##y,
 # "boycotted" -> boycott ##ed.
 SPLIT_WORDS = {"calls", "germany", "boycotted"}
@@ -79,23 +79,9 @@ def tiny_bert_config(vocab_size: int) -> Dict[str, int]:
 
 
 def wordpiece_tokenizer(vocabulary: List[str]):
-    """A BERT-style uncased WordPiece tokenizer over ``vocabulary``, built locally with `tokenizers` (the same code
-    for transformers 4.x and 5.x)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-
-    ids = {token: index for index, token in enumerate(dict.fromkeys(SPECIAL_TOKENS + vocabulary))}
-    backend = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
-    )
-    backend.decoder = decoders.WordPiece()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=64,
-    )
+    """A BERT-style uncased WordPiece tokenizer over ``vocabulary``, built locally as the recipes' offline tiny
+    checkpoint builds its own."""
+    return tiny_checkpoint.wordpiece_tokenizer(vocabulary, lowercase=True, model_max_length=64)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from typing import Callable, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.data import suggested_max_num_workers
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -32,7 +34,10 @@ def make_loader(
 
 class SplitDataModule(pl.LightningDataModule):
     """A data module whose ``setup`` fills ``train_set``, ``val_set`` and (optionally) ``test_set``; every loader is
-    :func:`make_loader` with the subclass's ``batch_size``, ``num_workers``, ``pin_memory`` and ``persistent_workers``.
+    :func:`make_loader` with the subclass's ``batch_size``, ``num_workers``, ``pin_memory`` and ``persistent_workers``,
+    sized to the machine it runs on: ``num_workers`` is a most, cut to the CPUs there are per training process on this
+    machine (:func:`workers_for_machine`), and memory is pinned only when the Trainer trains on a GPU (pinned host
+    memory speeds up copies to a GPU and does nothing else).
 
     Without a ``test_set`` the validation split doubles as the test and predict split.
     """
@@ -48,6 +53,7 @@ class SplitDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self._told_worker_cut = False
 
     def check_data_exists(self, stage: str) -> None:
         """Raise ``FileNotFoundError`` (with what to pass instead) when the files that ``setup(stage)`` reads are
@@ -55,9 +61,19 @@ class SplitDataModule(pl.LightningDataModule):
         one line rather than after the Trainer's device banner. ``setup`` raises the same errors on its own."""
 
     def _loader(self, dataset: Optional[Dataset], train: bool) -> DataLoader:
+        trainer = self.trainer  # None when the data module is used without a Trainer
+        processes = trainer.num_devices if trainer is not None else 1
+        workers = workers_for_machine(self.num_workers, processes)
+        if workers < self.num_workers and not self._told_worker_cut:
+            self._told_worker_cut = True
+            rank_zero_info(
+                f"adalabel: --data.num_workers {self.num_workers} cut to {workers}: this machine has CPUs for"
+                f" {workers} loader worker(s) per training process ({processes} on this machine)"
+            )
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return make_loader(
-            dataset, self.batch_size, self.num_workers, train, self.pin_memory, self.persistent_workers,  # type: ignore
-            self.collate_fn,
+            dataset, self.batch_size, workers, train, self.pin_memory and on_gpu,  # type: ignore
+            self.persistent_workers, self.collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -71,6 +87,21 @@ class SplitDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+def workers_for_machine(requested: int, processes_per_machine: int = 1) -> int:
+    """``requested`` loader workers, or fewer: at most the CPUs this process may use shared among the training
+    processes on this machine, less one for each training process itself (Lightning's suggestion: more workers than
+    that only make torch and Lightning warn and the processes compete for the CPUs).
+
+    Example:
+        >>> import os
+        >>> workers_for_machine(0)
+        0
+        >>> workers_for_machine(1000) == max(1, len(os.sched_getaffinity(0)) - 1)
+        True
+    """
+    return min(requested, suggested_max_num_workers(processes_per_machine))
 
 
 def split_indices(size: int, val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:

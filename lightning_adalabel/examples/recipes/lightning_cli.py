@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentError, Namespace
+import yaml
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -183,6 +184,50 @@ class AdaLabelCLI(LightningCLI):
                 each.exit_on_error = True
 
 
+def recipe_options_help(args: List[str]) -> str:
+    """The ``--model.*`` and ``--data.*`` options of the classes that the ``--config`` files in ``args`` name, with
+    the files' values as their defaults, as ``--help`` shows options; without a ``--config``, where to find them.
+
+    Example:
+        >>> "`adalabel validate --config <recipe> --help`" in recipe_options_help(["validate", "--help"])
+        True
+    """
+    configs = [arg.split("=", 1)[1] if arg.startswith("--config=") else following
+               for arg, following in zip(args, args[1:] + [""])
+               if arg in ("--config", "-c") or arg.startswith("--config=")]
+    subcommand = next((arg for arg in args if not arg.startswith("-")), "fit")
+    if not configs:
+        return (f"\nThe recipe's own options, --model.* and --data.*, are listed by `adalabel {subcommand} --config"
+                " <recipe> --help` (the recipes: `adalabel recipes`).")
+    parser = ArgumentParser(prog=f"adalabel {subcommand}", add_help=False)
+    names = []
+    for key in ("model", "data"):
+        section = merged_section(configs, key)
+        if not section.get("class_path"):
+            continue
+        module_name, _, class_name = section["class_path"].rpartition(".")
+        parser.add_class_arguments(getattr(importlib.import_module(module_name), class_name), key, fail_untyped=False)
+        parser.set_defaults({f"{key}.{name}": value for name, value in section.get("init_args", {}).items()})
+        names.append(class_name)
+    options = parser.format_help().split("\n\n", 1)[-1]  # without the usage lines, which repeat the options
+    return (f"\nThe recipe's model and data ({', '.join(names)}), with the values of {', '.join(configs)} as"
+            f" defaults:\n\n{options}")
+
+
+def merged_section(configs: List[str], key: str) -> Dict[str, Any]:
+    """The ``model:`` or ``data:`` section of the YAML files ``configs``, each later file overriding the earlier
+    ones as ``--config`` does: ``{"class_path": ..., "init_args": {...}}``."""
+    section: Dict[str, Any] = {"init_args": {}}
+    for path in configs:
+        with open(path, encoding="utf-8") as file:
+            value = (yaml.safe_load(file) or {}).get(key) or {}
+        if value.get("class_path") not in (None, section.get("class_path")):
+            section = {"init_args": {}}
+        section["class_path"] = value.get("class_path", section.get("class_path"))
+        section["init_args"].update(value.get("init_args") or {})
+    return section
+
+
 def continue_in_log_folder(trainer: "pl.Trainer", checkpoint_dir: str) -> None:
     """Log and checkpoint into the folder of the run whose checkpoint ``--ckpt_path last`` resumes
     (``<save_dir>/lightning_logs/version_3/checkpoints`` -> the logger's version 3) rather than a new version: the
@@ -328,6 +373,15 @@ def run(argv: Optional[List[str]] = None) -> AdaLabelCLI:
     ``--config`` accepts a shipped recipe's name (``cifar10``) as well as a path.
     """
     args = resolve_config_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _run(args)
+    except SystemExit as done:
+        if done.code in (0, None) and any(arg in ("-h", "--help") for arg in args):
+            print(recipe_options_help(args))  # jsonargparse lists --model.* and --data.* by class path only
+        raise
+
+
+def _run(args: List[str]) -> AdaLabelCLI:
     with warnings.catch_warnings():
         # The image recipes' ImageClassifier mixes batches (MixUp/CutMix) in its own on_after_batch_transfer on
         # purpose: the mixing belongs to the model's training, not to the data. Lightning would warn about it on

@@ -230,11 +230,11 @@ class LabeledCSVDataModule(SplitDataModule, abc.ABC):
         root: the data set's folder.
         num_classes: number of labels (AG News 4, Yahoo! Answers 10, Yelp Review Full 5).
         batch_size: per device.
-        num_workers: tokenising processes per device.
+        num_workers: tokenising processes per device, at most: fewer where the machine has fewer CPUs.
         val_fraction: hold out this fraction of train.csv for validation; 0 validates on test.csv (the data sets
             have no official validation split).
         seed: seed of the hold-out split.
-        pin_memory: page-locked host batches.
+        pin_memory: page-locked host batches (on a GPU only).
         persistent_workers: keep loader workers alive between epochs.
     """
 
@@ -300,11 +300,11 @@ class TextClassificationDataModule(LabeledCSVDataModule):
         ngrams: longest word n-gram (2: words + bigrams).
         max_words: truncate texts to this many words; ``None`` keeps whole texts.
         batch_size: per device.
-        num_workers: tokenising processes per device.
+        num_workers: tokenising processes per device, at most: fewer where the machine has fewer CPUs.
         val_fraction: hold out this fraction of train.csv for validation; 0 validates on test.csv (the data sets
             have no official validation split).
         seed: seed of the hold-out split.
-        pin_memory: page-locked host batches.
+        pin_memory: page-locked host batches (on a GPU only).
         persistent_workers: keep loader workers alive between epochs.
     """
 

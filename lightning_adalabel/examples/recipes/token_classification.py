@@ -281,8 +281,8 @@ class CoNLLDataModule(SplitDataModule):
         encoding: the files' text encoding.
         max_length: truncate every sentence to this many word pieces (special tokens included).
         batch_size: per device.
-        num_workers: tokenising processes per device.
-        pin_memory: page-locked host batches.
+        num_workers: tokenising processes per device, at most: fewer where the machine has fewer CPUs.
+        pin_memory: page-locked host batches (on a GPU only).
         persistent_workers: keep loader workers alive between epochs.
     """
 

@@ -47,10 +47,10 @@ class TransformerTextDataModule(LabeledCSVDataModule):
             ``--model.checkpoint``.
         max_length: truncate every text to this many tokens (special tokens included).
         batch_size: per device.
-        num_workers: tokenising processes per device.
+        num_workers: tokenising processes per device, at most: fewer where the machine has fewer CPUs.
         val_fraction: hold out this fraction of train.csv for validation; 0 validates on test.csv.
         seed: seed of the hold-out split.
-        pin_memory: page-locked host batches.
+        pin_memory: page-locked host batches (on a GPU only).
         persistent_workers: keep loader workers alive between epochs.
     """
 

@@ -58,11 +58,11 @@ class CIFAR10DataModule(SplitDataModule):
         check_integrity: compare the files' MD5 with the official release (torchvision's check). Turn it off only for
             files you produced yourself in the same pickle format (e.g. a subset, or the test suite's tiny batches).
         batch_size: per device.
-        num_workers: loader processes per device.
+        num_workers: loader processes per device, at most: fewer where the machine has fewer CPUs.
         val_fraction: hold out this fraction of the training set for validation; 0 validates on the test split
             (CIFAR has no official validation split).
         seed: seed of the hold-out split.
-        pin_memory: page-locked host batches for faster, asynchronous host-to-GPU copies.
+        pin_memory: page-locked host batches for faster, asynchronous host-to-GPU copies (on a GPU only).
         persistent_workers: keep loader workers alive between epochs.
     """
 
@@ -256,11 +256,11 @@ class ImageNetDataModule(SplitDataModule):
         train_root: training folder.
         val_root: validation folder, arranged in class sub-folders like ``train_root``.
         batch_size: per device; the global batch is this x devices x nodes (x gradient accumulation).
-        num_workers: decoding processes per device.
+        num_workers: decoding processes per device, at most: fewer where the machine has fewer CPUs.
         train_crop_size: side of the RandomResizedCrop training crops.
         val_resize_size: validation images are resized so that their short side is this ...
         val_crop_size: ... then center-cropped to this.
-        pin_memory: page-locked host batches for faster, asynchronous host-to-GPU copies.
+        pin_memory: page-locked host batches for faster, asynchronous host-to-GPU copies (on a GPU only).
         persistent_workers: keep loader workers alive between epochs (no re-fork of 8+ workers per epoch).
     """
 
