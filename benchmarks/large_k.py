@@ -175,7 +175,7 @@ def run_method(method: str, top_k: Optional[int], args: argparse.Namespace, num_
         result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if method != "ce":
         result["refresh_ms"] = statistics.median(adalabel.refresh_ms) if adalabel.refresh_ms else float("nan")
-        engine = adalabel.label_matrix
+        engine = adalabel.engine
         if isinstance(engine, SparseLabelMatrix):
             indices, values = engine.indices, engine.values
         else:  # the dense row's k largest entries, for the same measure
