@@ -57,7 +57,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the package from this clone, installed or not
 
-from lightning_adalabel import LabelMatrix  # noqa: E402
+from lightning_adalabel.label_matrix import LabelMatrix  # noqa: E402
 
 # Sizes per device: the GPU ones are the issue's; the CPU ones keep the whole run to a minute or two on 2 cores.
 SIZES: Dict[str, Dict[str, Any]] = {

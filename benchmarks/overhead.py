@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, initial_label_matrix
+from lightning_adalabel import AdaLabel, AdaLabelMixin
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from lightning_adalabel.inputs import _format, _reduce
 from lightning_adalabel.losses import _straightforward_per_sample
 

@@ -5,7 +5,7 @@ import math
 import os
 import sys
 from dataclasses import replace
-from typing import Any, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import lightning.pytorch as pl
 import torch
@@ -497,9 +497,11 @@ class AdaLabel(pl.Callback):
     def _check_saved_settings(self, saved: Dict[str, Any]) -> None:
         """Raise a ValueError naming what differs unless the state (read by
         :func:`~lightning_adalabel.state_versions.read_callback_state`) was written with this callback's settings."""
-        if saved["preset"] != self.preset_name or saved["config"] != self.preset.__dict__:
-            saved_settings = {"preset": saved["preset"], **saved["config"]}
-            settings = {"preset": self.preset_name, **self.preset.__dict__}
+        # A Preset given as an object ("custom") is known by its fields alone, not by the name of the one it came from.
+        named = "custom" not in (saved["preset"], self.preset_name)
+        saved_settings = {**({"preset": saved["preset"]} if named else {}), **saved["config"]}
+        settings = {**({"preset": self.preset_name} if named else {}), **self.preset.__dict__}
+        if saved_settings != settings:
             differences = ", ".join(
                 f"{key}={saved_settings.get(key)!r} (the callback has {value!r})"
                 for key, value in settings.items() if saved_settings.get(key) != value
@@ -563,7 +565,7 @@ class _StrategyCollective:
         return self.strategy.all_gather(tensor)
 
 
-def _resolve(preset: Union[str, Preset], overrides: Dict[str, Any]) -> "tuple[str, Preset]":
+def _resolve(preset: Union[str, Preset], overrides: Dict[str, Any]) -> Tuple[str, Preset]:
     """``(name, preset)`` of ``AdaLabel(preset=...)`` with its overrides applied: a name of :data:`PRESETS`, or a
     :class:`Preset` (named after the entry of :data:`PRESETS` it equals, ``"custom"`` otherwise)."""
     if isinstance(preset, Preset):

@@ -1,7 +1,7 @@
 """``compile_loss=True``: a training batch's formatting, loss and statistics as one ``torch.compile``'d graph.
 
 Eager, the per-batch path costs about as much as its number of operations, not their arithmetic: on a CPU at small K
-and on a GPU at any K, each of its ~50 ops is a dispatch (and on a GPU a kernel launch) over a B x K tensor that
+and on a GPU at any K, each of its operations is a dispatch (and on a GPU a kernel launch) over a B x K tensor that
 cross-entropy reads in two. Compiled, formatting, loss and statistics become a few fused loops, and backward the
 hand-written gradient of :mod:`lightning_adalabel.fused` as one more (see ``docs/benchmarks.md`` for the numbers).
 

@@ -1,4 +1,4 @@
-"""The engine contract: what the :class:`~lightning_adalabel.AdaLabel` callback, or any training loop, asks of an engine.
+"""The engine contract: what the :class:`~lightning_adalabel.AdaLabel` callback, or any loop, asks of an engine.
 
 An engine holds Q and the statistics that refresh it. Two implement :class:`LabelMatrixEngine`:
 :class:`~lightning_adalabel.label_matrix.LabelMatrix` (Q as a dense ``K x K`` tensor) and
@@ -167,7 +167,9 @@ class LabelMatrixEngine(ABC):
                 :class:`Collective`.
         """
         if reduce is not None or gather is not None:
-            warn_deprecated("refresh(reduce=...) and refresh(gather=...)", "refresh(collective), a Collective")
+            former = "reduce" if reduce is not None else "gather"
+            name = type(self).__name__
+            warn_deprecated(f"{name}.refresh({former}=...)", f"{name}.refresh(collective), a Collective")
             collective = _Functions(reduce, gather)
         tallies = self._refresh(collective if collective is not None else SingleProcess())
         self.num_refreshes += 1
@@ -242,7 +244,8 @@ class LabelMatrixEngine(ABC):
     def config(self) -> Dict[str, Any]:
         """What defines this engine's state: K, the sizes of its tensors and its settings (saved, and checked on
         load)."""
-        return {"num_classes": self.num_classes, **self._sizes(), **{name: getattr(self, name) for name in ENGINE_SETTINGS}}
+        settings = {name: getattr(self, name) for name in ENGINE_SETTINGS}
+        return {"num_classes": self.num_classes, **self._sizes(), **settings}
 
     def _sizes(self) -> Dict[str, Any]:
         """The settings that size an engine's tensors beyond K (none for a dense Q)."""

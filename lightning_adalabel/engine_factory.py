@@ -32,8 +32,9 @@ def new_engine(
 
     Example:
         >>> from lightning_adalabel.presets import PRESETS
-        >>> new_engine(10, PRESETS["ols"].engine_settings(), top_k=3)
-        SparseLabelMatrix(num_classes=10, top_k=3, statistics_top_k=6, candidates=10, samples='correct', estimator='mean', momentum=1.0, include_diagonal=True, prior='uniform', prior_strength=0.0, start='uniform', empty_rows='keep')
+        >>> engine = new_engine(10, PRESETS["ols"].engine_settings(), top_k=3)
+        >>> type(engine).__name__, engine.top_k, engine.samples, type(new_engine(10, {})).__name__
+        ('SparseLabelMatrix', 3, 'correct', 'LabelMatrix')
     """
     check_engine_options(settings, top_k, initial_matrix)
     options = dict(settings, device=device, compile_loss=compile_loss)

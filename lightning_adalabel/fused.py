@@ -36,7 +36,8 @@ from lightning_adalabel.statistics import _counted, _tallies
 
 # Below this many classes a softmax written out (max, exp, sum, divide) beats torch's CPU softmax kernel, which is
 # tuned for long rows. Compiled (compile_loss=True), the written-out form is always the faster: inductor fuses it,
-# while torch's softmax and the logsumexp read back from it cost one more pass. (Measured: docs/benchmarks.md.)
+# while torch's softmax and the logsumexp read back from it cost one more pass (docs/benchmarks.md, "Design choices
+# the code cites").
 _SMALL_NUM_CLASSES = 64
 
 
@@ -72,7 +73,7 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
     """The reduced loss and, as outputs without gradient, ``P`` and the batch's statistics (see the module docstring).
 
     Forward saves ``P`` and ``Q[y]`` (gathered once); backward is two passes over them. Computing the gradient in
-    forward instead (as Liger-Kernel's fused losses do) measured slower here: one more pass over the batch. The
+    forward instead (as Liger-Kernel's fused losses do) costs one more pass over the batch. The
     reduction and the statistics are done here too, not in separate autograd nodes, and every per-row quantity is
     an ``(M, 1)`` column that broadcasts without a reshape: on a CPU at small K the cost of a call is its number of
     operations.
@@ -113,7 +114,7 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
         # Q[y] is kept outside save_for_backward so that backward can turn it into the gradient in place (one B x K
         # tensor fewer); a second backward (retain_graph) gathers it again from Q, which is never changed in place.
         # Compiled, backward always gathers it again: inside its fused loop that is cheaper than writing Q[y] out
-        # here and reading it back (7-10% of a step at K=1000).
+        # here and reading it back (docs/benchmarks.md, "Design choices the code cites").
         ctx.soft, ctx.label_matrix = None if torch.compiler.is_compiling() else soft, label_matrix
         ctx.save_for_backward(probs, index, weight,
                               *[value for value in (hard_weight, scale) if isinstance(value, Tensor)])
@@ -131,7 +132,7 @@ class _SoftLabelCrossEntropy(torch.autograd.Function):
 
 def _backward(ctx: Any, grad_loss: Tensor) -> Tuple[Optional[Tensor], ...]:
     """The gradient (see the module docstring). Outside ``create_graph`` backward already runs without grad mode, so
-    the common path skips ``once_differentiable``'s wrapper (5 us a call, 6% of cross-entropy's step at K=10)."""
+    the common path skips ``once_differentiable``'s wrapper, a measurable share of a small step (docs/benchmarks.md)."""
     probs, index, weight, *row_weights = ctx.saved_tensors
     hard_weight, scale = ctx.floats + row_weights  # the float one(s) first: hard_weight is never the only tensor
     soft, ctx.soft = ctx.soft, None

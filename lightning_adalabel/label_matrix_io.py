@@ -11,7 +11,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from lightning_adalabel.label_matrix import LabelMatrix
+from lightning_adalabel.engine import LabelMatrixEngine
 from lightning_adalabel.validation import validate_label_matrix
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -25,12 +25,13 @@ def _extension(path: PathLike) -> str:
     return extension
 
 
-def save_label_matrix(matrix: Union[Tensor, LabelMatrix], path: PathLike) -> None:
-    """Write ``matrix`` (a K x K tensor, or a :class:`LabelMatrix`) to ``path`` as ``.pt`` or ``.csv``.
+def save_label_matrix(matrix: Union[Tensor, LabelMatrixEngine], path: PathLike) -> None:
+    """Write ``matrix`` (a K x K tensor, or the Q of an engine that keeps it dense, e.g. ``AdaLabel().engine``) to
+    ``path`` as ``.pt`` or ``.csv``.
 
     Example:
         >>> import tempfile
-        >>> from lightning_adalabel import initial_label_matrix
+        >>> from lightning_adalabel.label_matrix import initial_label_matrix
         >>> path = os.path.join(tempfile.mkdtemp(), "q.csv")
         >>> save_label_matrix(initial_label_matrix(3), path)
         >>> print(open(path).read())
@@ -39,14 +40,14 @@ def save_label_matrix(matrix: Union[Tensor, LabelMatrix], path: PathLike) -> Non
         0.5,0.5,0
         <BLANKLINE>
     """
-    if isinstance(matrix, LabelMatrix):
-        matrix = matrix.matrix
-    elif not isinstance(matrix, Tensor) and callable(getattr(matrix, "to_dense", None)):
-        raise ValueError(
-            f"save_label_matrix writes a dense K x K matrix; got a {type(matrix).__name__} (AdaLabel(top_k=...))."
-            " For a small K save `label_matrix.to_dense()`; at any K keep the sparse rows with"
-            " `torch.save(label_matrix.state_dict(), path)`."
-        )
+    if isinstance(matrix, LabelMatrixEngine):
+        if not matrix.stores_dense:
+            raise ValueError(
+                f"save_label_matrix writes a dense K x K matrix; got a {type(matrix).__name__} (AdaLabel(top_k=...))."
+                " For a small K save `engine.to_dense()`; at any K keep the sparse rows with"
+                " `torch.save(engine.state_dict(), path)`."
+            )
+        matrix = matrix.to_dense()
     validate_label_matrix(matrix, include_diagonal=True)  # shape and values; the diagonal is checked on use
     values = matrix.detach().to("cpu", torch.float32)
     if _extension(path) == ".pt":
@@ -62,7 +63,7 @@ def load_label_matrix(path: PathLike) -> Tensor:
 
     Example:
         >>> import tempfile
-        >>> from lightning_adalabel import initial_label_matrix
+        >>> from lightning_adalabel.label_matrix import initial_label_matrix
         >>> path = os.path.join(tempfile.mkdtemp(), "q.pt")
         >>> save_label_matrix(initial_label_matrix(4), path)
         >>> torch.equal(load_label_matrix(path), initial_label_matrix(4))

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_adalabel.fused import fused_soft_label_loss
 from lightning_adalabel.inputs import ClassificationBatch, _arg_validation, _format, _reduce, _tensor_validation
-from lightning_adalabel.validation import LOSS_MODES
+from lightning_adalabel.validation import LOSS_MODES, warn_deprecated
 
 
 def _at_least_float32(tensor: Tensor) -> Tensor:
@@ -220,21 +220,32 @@ def mixed_loss(
     return _loss(logits, target, label_matrix, "mixed", alpha, ignore_index, reduction)
 
 
-def adalabel_loss(
+def soft_label_loss(
     logits: Tensor, target: Tensor, label_matrix: Tensor, mode: str, alpha: float, ignore_index: int = -100,
     reduction: str = "mean",
 ) -> Tensor:
-    """The loss ``mode`` (``"decoupled"``, ``"mixed"`` or ``"ce"``) with torch's ``ignore_index`` and ``reduction``.
+    """The loss ``mode`` (``"decoupled"``, ``"mixed"`` or ``"ce"``) with a given label matrix Q and torch's
+    ``ignore_index`` and ``reduction``: what :meth:`~lightning_adalabel.AdaLabelMixin.adalabel_loss` computes with the
+    callback's Q.
 
     Example:
         >>> logits, target = torch.randn(4, 5), torch.tensor([0, 4, -100, 2])
         >>> Q = torch.full((5, 5), 0.2)
-        >>> torch.allclose(adalabel_loss(logits, target, Q, "ce", 0.0), F.cross_entropy(logits, target))
+        >>> torch.allclose(soft_label_loss(logits, target, Q, "ce", 0.0), F.cross_entropy(logits, target))
         True
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"Loss mode must be one of {LOSS_MODES}, got {mode!r}.")
     return _loss(logits, target, label_matrix, mode, alpha, ignore_index, reduction)
+
+
+def adalabel_loss(
+    logits: Tensor, target: Tensor, label_matrix: Tensor, mode: str, alpha: float, ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Deprecated name of :func:`soft_label_loss` (``adalabel_loss`` is the mixin's method)."""
+    warn_deprecated("lightning_adalabel.losses.adalabel_loss", "lightning_adalabel.losses.soft_label_loss")
+    return soft_label_loss(logits, target, label_matrix, mode, alpha, ignore_index, reduction)
 
 
 def sparse_loss_per_sample(

@@ -141,7 +141,7 @@ def validate_label_matrix(
     values: call it when a matrix arrives (a file, a checkpoint, an argument), never per batch.
 
     Example:
-        >>> from lightning_adalabel import initial_label_matrix
+        >>> from lightning_adalabel.label_matrix import initial_label_matrix
         >>> validate_label_matrix(initial_label_matrix(3))
         >>> validate_label_matrix(torch.full((3, 3), 1 / 3))
         Traceback (most recent call last):

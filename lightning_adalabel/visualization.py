@@ -38,7 +38,7 @@ def plot_label_matrix(
     once IPython's inline backend has registered its figure formatter: run ``%matplotlib inline`` first.
 
     Args:
-        matrix: the label matrix, e.g. ``callback.label_matrix.matrix``.
+        matrix: the label matrix, e.g. ``callback.engine.to_dense()``.
         class_names: tick labels (default: class indices).
         title: figure title.
         annotate: write each value in its cell; by default only when K <= 20.
@@ -46,7 +46,7 @@ def plot_label_matrix(
             by default residual exactly when its diagonal is zero.
 
     Example:
-        >>> from lightning_adalabel import initial_label_matrix
+        >>> from lightning_adalabel.label_matrix import initial_label_matrix
         >>> figure = plot_label_matrix(initial_label_matrix(3), class_names=["cat", "dog", "fox"])
         >>> [label.get_text() for label in figure.axes[0].get_yticklabels()]
         ['cat', 'dog', 'fox']

@@ -11,19 +11,19 @@ from tests.helpers import StepRecorder, TinyClassifier, fit, make_loader, traine
 
 def test_statistics_match_the_engine_fed_by_hand():
     """The callback accumulates exactly the training batches' logits (those the loss saw)."""
-    from lightning_adalabel import LabelMatrix
+    from lightning_adalabel.label_matrix import LabelMatrix
 
     callback = AdaLabel(samples="all", refresh_every_n_steps=1000)
     _, model = fit(callback, StepRecorder())
     by_hand = LabelMatrix(5, samples="all")
     for _, logits, y, _ in model.records:
         by_hand.update(logits, y)
-    torch.testing.assert_close(callback.label_matrix.accumulator, by_hand.accumulator)
+    torch.testing.assert_close(callback.engine.accumulator, by_hand.accumulator)
 
 
 @pytest.mark.parametrize("prior", ["uniform", "previous"])
 def test_count_aware_refresh_every_n_steps_matches_the_engine_fed_by_hand(prior):
-    from lightning_adalabel import LabelMatrix
+    from lightning_adalabel.label_matrix import LabelMatrix
 
     callback = AdaLabel(samples="all", prior=prior, prior_strength=0.3, refresh_every_n_steps=3)
     _, model = fit(callback, StepRecorder(), max_epochs=2)  # 16 steps: refreshes at 3, 6, ..., 15
@@ -32,9 +32,9 @@ def test_count_aware_refresh_every_n_steps_matches_the_engine_fed_by_hand(prior)
         by_hand.update(logits, y)
         if step % 3 == 0:
             by_hand.refresh()
-    assert callback.label_matrix.num_refreshes == by_hand.num_refreshes == 5
-    torch.testing.assert_close(callback.label_matrix.matrix, by_hand.matrix)
-    torch.testing.assert_close(callback.label_matrix.accumulator, by_hand.accumulator)
+    assert callback.engine.num_refreshes == by_hand.num_refreshes == 5
+    torch.testing.assert_close(callback.engine.matrix, by_hand.matrix)
+    torch.testing.assert_close(callback.engine.accumulator, by_hand.accumulator)
 
 
 def test_checkpoint_restores_q_and_accumulators_exactly(tmp_path):
@@ -42,21 +42,47 @@ def test_checkpoint_restores_q_and_accumulators_exactly(tmp_path):
     trainer, model = fit(callback, max_epochs=1)
     path = str(tmp_path / "run.ckpt")
     trainer.save_checkpoint(path)
-    assert callback.label_matrix.counts.sum() > 0
+    assert callback.engine.counts.sum() > 0
 
     restored = AdaLabel(samples="all", refresh_every_n_steps=5)
     resumed = L.Trainer(**trainer_kwargs(callbacks=[restored], max_epochs=1))
     resumed.fit(TinyClassifier(), make_loader(), ckpt_path=path)  # max_epochs already reached: restores only
-    assert torch.equal(restored.label_matrix.matrix, callback.label_matrix.matrix)
-    assert torch.equal(restored.label_matrix.accumulator, callback.label_matrix.accumulator)
-    assert restored.label_matrix.num_refreshes == callback.label_matrix.num_refreshes == 1
+    assert torch.equal(restored.engine.matrix, callback.engine.matrix)
+    assert torch.equal(restored.engine.accumulator, callback.engine.accumulator)
+    assert restored.engine.num_refreshes == callback.engine.num_refreshes == 1
     assert restored.state_dict()["last_refresh_step"] == 5
+
+
+def test_a_preset_object_trains_as_the_named_preset_with_the_same_overrides(tmp_path):
+    """AdaLabel(preset=Preset(...)) takes a method of one's own; one equal to a named preset is that preset."""
+    from dataclasses import replace
+
+    from lightning_adalabel import PRESETS, Preset
+
+    mine = replace(PRESETS["alr"], samples="all", prior_strength=0.5)
+    runs = []
+    for callback in (AdaLabel(preset=mine), AdaLabel(preset="alr", samples="all", prior_strength=0.5)):
+        torch.manual_seed(0)
+        trainer, model = fit(callback, max_epochs=2)
+        runs.append((callback.engine.matrix, model.net.weight.detach()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    custom = AdaLabel(preset=mine)
+    assert custom.preset == mine and custom.preset_name == "custom"
+    assert AdaLabel(preset=PRESETS["ols"]).preset_name == "ols"
+    assert AdaLabel(preset=PRESETS["ols"], alpha=0.25).preset == replace(PRESETS["ols"], alpha=0.25)
+    with pytest.raises(ValueError, match="`alpha` must be in \\[0, 1\\] for the 'mixed' loss"):
+        AdaLabel(preset=Preset(samples="all", estimator="mean", momentum=1.0, include_diagonal=True, loss="mixed",
+                               alpha=1.5))
+    path = str(tmp_path / "custom.ckpt")
+    trainer.save_checkpoint(path)  # written by the second run, preset "alr" with overrides: its Preset is `mine`
+    fit(custom, ckpt_path=path, max_epochs=3)
+    assert custom.engine.num_refreshes == 3
 
 
 def test_num_classes_is_inferred_from_the_first_logits():
     callback = AdaLabel()
     fit(callback, TinyClassifier(num_classes=7), make_loader(num_classes=7))
-    assert callback.label_matrix.num_classes == 7
+    assert callback.engine.num_classes == 7
 
 
 # ---- clear errors ------------------------------------------------------------------------------------------------
@@ -81,8 +107,8 @@ def test_non_finite_logits_in_the_first_batch_are_told_at_once_and_treated_as_on
     callback = AdaLabel(samples="all", refresh_every_n_steps=100)
     with pytest.warns(UserWarning, match=r"1 of 16 positions of the first training batch have NaN or \+Inf logits"):
         fit(callback, loader=loader)
-    assert callback.label_matrix.nonfinite.sum() >= 1  # the NaN reaches the weights, and later batches
-    assert torch.isfinite(callback.label_matrix.matrix).all()
+    assert callback.engine.nonfinite.sum() >= 1  # the NaN reaches the weights, and later batches
+    assert torch.isfinite(callback.engine.matrix).all()
 
 
 @pytest.mark.parametrize("second", [lambda first: AdaLabel(preset="ols"), lambda first: AdaLabel(), lambda first: first],

@@ -7,10 +7,11 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_adalabel import AdaLabel, LabelMatrix, initial_label_matrix
+from lightning_adalabel import AdaLabel
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from lightning_adalabel.inputs import _format
 from lightning_adalabel.label_matrix import _empty_buffer, _label_matrix_update
-from lightning_adalabel.losses import adalabel_loss, decoupled_loss, mixed_loss
+from lightning_adalabel.losses import decoupled_loss, mixed_loss, soft_label_loss
 from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
@@ -29,7 +30,8 @@ LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "decoupled_loss": lambda logits, target: decoupled_loss(logits, target, initial_label_matrix(K), 0.5),
     "mixed_loss": lambda logits, target: mixed_loss(logits, target, initial_label_matrix(K, True), 0.5),
     "mixed_loss_residual": lambda logits, target: mixed_loss(logits, target, initial_label_matrix(K), 0.5),
-    "adalabel_loss": lambda logits, target: adalabel_loss(logits, target, initial_label_matrix(K), "decoupled", 0.5),
+    "soft_label_loss": lambda logits, target: soft_label_loss(logits, target, initial_label_matrix(K), "decoupled",
+                                                              0.5),
 }
 
 
@@ -84,11 +86,11 @@ def train(compile_net: bool, preset: str) -> "tuple[TinyClassifier, AdaLabel]":
 def test_compiled_model_trains_with_the_mixin_loss():
     model, adalabel = train(compile_net=True, preset="alr")
     reference_model, reference = train(compile_net=False, preset="alr")
-    assert adalabel.label_matrix.num_refreshes == reference.label_matrix.num_refreshes == 8
-    assert adalabel.label_matrix.counts.sum() == 0  # reset by the last refresh
-    torch.testing.assert_close(adalabel.label_matrix.matrix, reference.label_matrix.matrix, rtol=0, atol=1e-5)
+    assert adalabel.engine.num_refreshes == reference.engine.num_refreshes == 8
+    assert adalabel.engine.counts.sum() == 0  # reset by the last refresh
+    torch.testing.assert_close(adalabel.engine.matrix, reference.engine.matrix, rtol=0, atol=1e-5)
     torch.testing.assert_close(model.net.weight, reference_model.net.weight, rtol=0, atol=1e-5)
-    assert not torch.equal(adalabel.label_matrix.matrix, initial_label_matrix(K))
+    assert not torch.equal(adalabel.engine.matrix, initial_label_matrix(K))
 
 
 # ---- compile_loss=True: the engine's per-batch path as one compiled graph (inductor, the default backend) ---------
@@ -155,10 +157,10 @@ def test_compile_loss_trains_as_the_eager_callback_under_bf16_autocast():
     torch._dynamo.reset()
     model, adalabel = fit_with_compile_loss(compile_loss=True)
     reference_model, reference = fit_with_compile_loss(compile_loss=False)
-    assert adalabel.label_matrix.compile_loss and adalabel.label_matrix.num_refreshes == 5
-    torch.testing.assert_close(adalabel.label_matrix.matrix, reference.label_matrix.matrix, rtol=0, atol=1e-5)
+    assert adalabel.engine.compile_loss and adalabel.engine.num_refreshes == 5
+    torch.testing.assert_close(adalabel.engine.matrix, reference.engine.matrix, rtol=0, atol=1e-5)
     torch.testing.assert_close(model.net.weight, reference_model.net.weight, rtol=0, atol=1e-5)
-    assert not torch.equal(adalabel.label_matrix.matrix, initial_label_matrix(K))
+    assert not torch.equal(adalabel.engine.matrix, initial_label_matrix(K))
 
 
 def test_a_machine_that_cannot_compile_gets_an_error_naming_the_fix(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ precision, and the engine's fused path against the engine fed by hand."""
 import pytest
 import torch
 
-from lightning_adalabel import LabelMatrix, initial_label_matrix
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from lightning_adalabel.fused import _SMALL_NUM_CLASSES, fused_soft_label_loss
 from lightning_adalabel.inputs import _format
 from lightning_adalabel.label_matrix import residual_prediction_stats, select_samples

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix, adalabel_loss, initial_label_matrix
+from lightning_adalabel import AdaLabel, AdaLabelMixin
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
+from lightning_adalabel.losses import soft_label_loss
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 from tests.references import naive_loss, positions, random_residual_matrix
 
@@ -39,7 +41,7 @@ def test_loss_matches_the_naive_reference(layout, dtype, mode, reduction):
     logits, target, ignore_index = batch(layout, dtype)
     matrix = random_residual_matrix(K) if mode == "decoupled" else initial_label_matrix(K, include_diagonal=True)
     logits.requires_grad_(True)
-    loss = adalabel_loss(logits, target, matrix, mode, 0.4, ignore_index=ignore_index, reduction=reduction)
+    loss = soft_label_loss(logits, target, matrix, mode, 0.4, ignore_index=ignore_index, reduction=reduction)
     expected = naive_loss(logits.detach(), target.long(), matrix, mode, 0.4, ignore_index, reduction)
     if reduction == "none":
         assert loss.shape == target.shape
@@ -61,12 +63,12 @@ def test_ce_and_label_smoothing_are_torch_for_every_layout(layout, reduction, dt
     # torch takes uint8 class indices for (N, K) logits only (and not with label smoothing); we take them for every
     # layout, so the reference gets int64.
     expected = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction=reduction)
-    got = adalabel_loss(logits, target, uniform, "ce", 0.0, ignore_index=ignore_index, reduction=reduction)
+    got = soft_label_loss(logits, target, uniform, "ce", 0.0, ignore_index=ignore_index, reduction=reduction)
     assert torch.equal(got, expected)
     smoothed = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=0.1)
     torch.testing.assert_close(
-        adalabel_loss(logits, target, uniform, "mixed", 0.1, ignore_index=ignore_index, reduction=reduction), smoothed
+        soft_label_loss(logits, target, uniform, "mixed", 0.1, ignore_index=ignore_index, reduction=reduction), smoothed
     )
 
 
@@ -76,9 +78,9 @@ def test_probability_targets_of_every_layout_match_torch(layout):
     target = torch.softmax(torch.randn(logits.shape), dim=1)
     uniform = initial_label_matrix(K, include_diagonal=True)
     for reduction in ("mean", "sum", "none"):
-        torch.testing.assert_close(adalabel_loss(logits, target, uniform, "ce", 0.0, reduction=reduction),
+        torch.testing.assert_close(soft_label_loss(logits, target, uniform, "ce", 0.0, reduction=reduction),
                                    F.cross_entropy(logits, target, reduction=reduction))
-        torch.testing.assert_close(adalabel_loss(logits, target, uniform, "mixed", 0.1, reduction=reduction),
+        torch.testing.assert_close(soft_label_loss(logits, target, uniform, "mixed", 0.1, reduction=reduction),
                                    F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1))
 
 
@@ -87,8 +89,8 @@ def test_uint8_targets_as_many_as_classes_are_indices_not_a_mask():
     target = torch.tensor([1, 0, 4, 4, 2], dtype=torch.uint8)  # N == K: a bool-mask reading would also "work"
     matrix = random_residual_matrix(K)
     for mode in ("ce", "decoupled", "mixed"):
-        torch.testing.assert_close(adalabel_loss(logits, target, matrix, mode, 0.5),
-                                   adalabel_loss(logits, target.long(), matrix, mode, 0.5))
+        torch.testing.assert_close(soft_label_loss(logits, target, matrix, mode, 0.5),
+                                   soft_label_loss(logits, target.long(), matrix, mode, 0.5))
     by_uint8, by_long = LabelMatrix(K, samples="all"), LabelMatrix(K, samples="all")
     by_uint8.update(logits, target)
     by_long.update(logits, target.long())
@@ -107,14 +109,14 @@ def test_uint8_targets_as_many_as_classes_are_indices_not_a_mask():
 )
 def test_layout_mistakes_are_clear_errors(logits, target, message):
     with pytest.raises(ValueError, match=message):
-        adalabel_loss(logits, target, initial_label_matrix(K), "decoupled", 0.5)
+        soft_label_loss(logits, target, initial_label_matrix(K), "decoupled", 0.5)
     with pytest.raises(ValueError, match=message):
         LabelMatrix(K).update(logits, target)
 
 
 def test_bad_reduction_and_ignore_index_are_clear_errors():
     with pytest.raises(ValueError, match="`reduction` must be one of"):
-        adalabel_loss(torch.zeros(2, K), torch.zeros(2, dtype=torch.long), initial_label_matrix(K), "ce", 0,
+        soft_label_loss(torch.zeros(2, K), torch.zeros(2, dtype=torch.long), initial_label_matrix(K), "ce", 0,
                       reduction="avg")
     with pytest.raises(ValueError, match="`ignore_index` must be an integer"):
         AdaLabel(ignore_index=None)
@@ -125,9 +127,9 @@ def test_invalid_class_index_never_indexes_q_and_is_nan_with_zero_gradient(bad):
     logits = torch.randn(4, K, requires_grad=True)
     target = torch.tensor([0, bad, 2, -100])
     matrix = random_residual_matrix(K)
-    loss = adalabel_loss(logits, target, matrix, "decoupled", 0.5, reduction="none")
+    loss = soft_label_loss(logits, target, matrix, "decoupled", 0.5, reduction="none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all() and loss[3] == 0
-    adalabel_loss(logits, target, matrix, "decoupled", 0.5).backward()
+    soft_label_loss(logits, target, matrix, "decoupled", 0.5).backward()
     assert torch.isfinite(logits.grad).all() and (logits.grad[[1, 3]] == 0).all()
     engine = LabelMatrix(K, samples="all")
     engine.update(logits, target)
@@ -147,7 +149,7 @@ def test_probability_rows_that_are_no_distribution_are_invalid_and_zero_rows_are
     engine.update(logits, target)
     assert engine.invalid.sum() == 2 and engine.seen.sum() == 2
     assert engine.counts[0] == (target[[0, 4]].argmax(dim=1) == 0).sum()  # padding is not counted under class 0
-    loss = adalabel_loss(logits, target, initial_label_matrix(K), "decoupled", 0.5, reduction="none")
+    loss = soft_label_loss(logits, target, initial_label_matrix(K), "decoupled", 0.5, reduction="none")
     assert torch.isnan(loss[[1, 2]]).all() and loss[3] == 0 and torch.isfinite(loss[[0, 4]]).all()
 
 
@@ -212,8 +214,8 @@ def test_padding_enters_neither_loss_nor_statistics_in_any_batch(preset):
         flat_logits, flat_target = positions(logits, y)
         keep = flat_target != -100
         engine.update(flat_logits[keep], flat_target[keep])
-    torch.testing.assert_close(adalabel.label_matrix.accumulator, engine.accumulator)
-    assert adalabel.label_matrix.seen.sum() == sum(int((y != -100).sum()) for _, y in model.seen)
+    torch.testing.assert_close(adalabel.engine.accumulator, engine.accumulator)
+    assert adalabel.engine.seen.sum() == sum(int((y != -100).sum()) for _, y in model.seen)
 
 
 class CorruptedBatches(TinyClassifier):
@@ -250,7 +252,7 @@ def test_bad_targets_in_a_later_batch_stop_the_run_at_the_refresh(soft, corrupt,
     with pytest.raises(ValueError, match=message):
         trainer.fit(model, make_loader())
     assert trainer.current_epoch == 0  # stopped at the first refresh, the end of epoch 0
-    matrix = adalabel.label_matrix.matrix
+    matrix = adalabel.engine.matrix
     assert torch.isfinite(matrix).all() and torch.allclose(matrix.sum(dim=1), torch.ones(5))
     assert torch.isfinite(model.net.weight).all()  # NaN loss values, zero gradients: the weights stay intact
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_adalabel import LabelMatrix, initial_label_matrix
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from tests.references import naive_refresh, random_batches
 
 SAMPLE_POLICIES = ("misclassified", "all", "correct")

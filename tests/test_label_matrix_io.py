@@ -7,15 +7,10 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_adalabel import (
-    AdaLabel,
-    LabelMatrix,
-    decoupled_loss,
-    initial_label_matrix,
-    load_label_matrix,
-    save_label_matrix,
-    validate_label_matrix,
-)
+from lightning_adalabel import AdaLabel, load_label_matrix, save_label_matrix
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
+from lightning_adalabel.losses import decoupled_loss
+from lightning_adalabel.validation import validate_label_matrix
 from tests.helpers import TinyClassifier, learned_matrix, make_loader, trainer_kwargs
 
 NUM_CLASSES = 5
@@ -92,7 +87,7 @@ def test_fixed_preset_trains_with_the_loaded_matrix_and_keeps_it(tmp_path, exten
     model = RecordingClassifier()
     L.Trainer(**trainer_kwargs(max_epochs=2, callbacks=[callback])).fit(model, make_loader(64, num_classes=NUM_CLASSES))
 
-    assert callback.label_matrix.num_refreshes == 2 and torch.equal(callback.label_matrix.matrix, matrix)
+    assert callback.engine.num_refreshes == 2 and torch.equal(callback.engine.matrix, matrix)
     alpha = callback.preset.alpha
     for logits, y, loss in model.records:
         torch.testing.assert_close(loss, decoupled_loss(logits, y, matrix, alpha))
@@ -107,7 +102,7 @@ def test_initial_matrix_warm_starts_a_learning_preset():
     L.Trainer(**trainer_kwargs(max_epochs=1, callbacks=[callback])).fit(model, make_loader(64, num_classes=NUM_CLASSES))
     logits, y, loss = model.records[0]  # before the first refresh the loss uses the given matrix
     torch.testing.assert_close(loss, decoupled_loss(logits, y, matrix, callback.preset.alpha))
-    assert not torch.equal(callback.label_matrix.matrix, matrix)  # and the refresh moved it
+    assert not torch.equal(callback.engine.matrix, matrix)  # and the refresh moved it
 
 
 def test_fixed_preset_errors_name_the_fix():
@@ -119,7 +114,7 @@ def test_fixed_preset_errors_name_the_fix():
 
 
 def test_damaged_files_and_a_sparse_engine_are_told_with_the_fix(tmp_path):
-    from lightning_adalabel import SparseLabelMatrix
+    from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 
     save_label_matrix(learned_matrix(), tmp_path / "q.pt")
     whole = (tmp_path / "q.pt").read_bytes()
@@ -140,7 +135,7 @@ def test_damaged_files_and_a_sparse_engine_are_told_with_the_fix(tmp_path):
     (tmp_path / "rows.csv").write_text("0,1\n1,0\n0.5,0.5\n")
     with pytest.raises(ValueError, match=r"rows.csv': A label matrix must be a square K x K tensor, got \(3, 2\)"):
         load_label_matrix(tmp_path / "rows.csv")
-    with pytest.raises(ValueError, match=r"got a SparseLabelMatrix .* save `label_matrix.to_dense\(\)`"):
+    with pytest.raises(ValueError, match=r"got a SparseLabelMatrix .* save `engine.to_dense\(\)`"):
         save_label_matrix(SparseLabelMatrix(NUM_CLASSES, 2), tmp_path / "sparse.pt")
     with pytest.raises(ValueError, match=r"cut.pt' cannot be read"):
         AdaLabel(initial_matrix=str(tmp_path / "cut.pt"))

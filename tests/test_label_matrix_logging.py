@@ -10,11 +10,8 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_adalabel import (
-    AdaLabel,
-    initial_label_matrix,
-    top_correlated_pairs,
-)
+from lightning_adalabel import AdaLabel, top_correlated_pairs
+from lightning_adalabel.label_matrix import initial_label_matrix
 from lightning_adalabel.label_matrix import LabelMatrix
 from lightning_adalabel.label_matrix_logging import label_matrix_dir, log_heatmap_and_pairs
 from tests.helpers import fit, make_loader
@@ -38,7 +35,7 @@ def test_tensorboard_gets_the_heatmap_and_the_top_pairs(tmp_path):
     text = events.Tensors("adalabel/top_pairs/text_summary")
     assert len(text) == 2
     table = text[-1].tensor_proto.string_val[0].decode()
-    first = top_correlated_pairs(callback.label_matrix.matrix, 1, NAMES)[0]
+    first = top_correlated_pairs(callback.engine.matrix, 1, NAMES)[0]
     assert f"| {first[0]} | {first[1]} |" in table and table.count("\n") == 2 + 3 - 1
     assert not os.path.exists(label_matrix_dir(trainer))  # the figure went to TensorBoard, no PNG fallback
 
@@ -58,7 +55,7 @@ def test_csv_logger_falls_back_to_png_and_csv(tmp_path):
     with open(os.path.join(directory, "step_8_top_pairs.csv"), newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["target_class", "soft_label_class", "q"]
-    expected = top_correlated_pairs(callback.label_matrix.matrix, 4)
+    expected = top_correlated_pairs(callback.engine.matrix, 4)
     assert [(a, b, pytest.approx(float(q))) for a, b, q in rows[1:]] == [(a, b, q) for a, b, q in expected]
 
 
@@ -111,7 +108,7 @@ def test_weights_and_biases_gets_an_image_and_a_table_per_refresh(tmp_path, monk
     with open(last) as handle:
         table = json.load(handle)
     assert table["columns"] == ["target_class", "soft_label_class", "q"]
-    expected = top_correlated_pairs(callback.label_matrix.matrix, 3, NAMES)
+    expected = top_correlated_pairs(callback.engine.matrix, 3, NAMES)
     assert [row[:2] for row in table["data"]] == [[row, column] for row, column, _ in expected]
     assert [row[2] for row in table["data"]] == pytest.approx([value for _, _, value in expected])
     assert not os.path.exists(label_matrix_dir(trainer))
@@ -135,7 +132,7 @@ def test_mlflow_gets_the_heatmap_and_the_pairs_as_artifacts(tmp_path, monkeypatc
     local = client.download_artifacts(run_id, "adalabel/label_matrix/step_8_top_pairs.csv", str(tmp_path))
     with open(local, newline="") as handle:
         rows = list(csv.reader(handle))
-    expected = top_correlated_pairs(callback.label_matrix.matrix, 3, NAMES)
+    expected = top_correlated_pairs(callback.engine.matrix, 3, NAMES)
     assert rows[0] == ["target_class", "soft_label_class", "q"]
     assert [row[:2] for row in rows[1:]] == [[row, column] for row, column, _ in expected]
     assert not os.path.exists(label_matrix_dir(trainer))

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_adalabel import AdaLabel, LabelMatrix, initial_label_matrix
+from lightning_adalabel import AdaLabel
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from tests.helpers import StepRecorder, TinyClassifier, fit, make_loader, trainer_kwargs
 from tests.test_resume import MomentumClassifier, ResumableLoader, assert_same_run
 
@@ -60,9 +61,9 @@ def test_a_module_in_eval_mode_during_fit_still_feeds_the_statistics(eval_from):
     adalabel = AdaLabel(samples="all")
     _, model = fit(adalabel, EvalFrom(eval_from), max_epochs=3)
     assert not model.training
-    assert adalabel.label_matrix.num_refreshes == 3
+    assert adalabel.engine.num_refreshes == 3
     expected = by_hand(model.records, refresh_after=[8, 16, 24], samples="all")
-    torch.testing.assert_close(adalabel.label_matrix.matrix, expected.matrix)
+    torch.testing.assert_close(adalabel.engine.matrix, expected.matrix)
 
 
 # ---- 2. a job that ends early resumes exactly ----------------------------------------------------------------
@@ -157,7 +158,7 @@ def test_a_job_that_ends_early_resumes_exactly(how, every, tmp_path, uninterrupt
     first_job(how, path, "alr", every)
     model, adalabel = resumed_job(path, "alr", every)
     expected_model, expected = uninterrupted[("alr", every)]
-    assert expected.label_matrix.num_refreshes == (EPOCHS if every is None else EPOCHS * 8 // every)
+    assert expected.engine.num_refreshes == (EPOCHS if every is None else EPOCHS * 8 // every)
     assert_same_run(model, adalabel, expected_model, expected)
 
 
@@ -174,8 +175,8 @@ def test_the_harness_resumes_a_run_without_statistics_exactly(how, tmp_path, uni
 def test_a_fit_that_stops_in_mid_epoch_leaves_that_epochs_statistics_waiting():
     adalabel = AdaLabel(samples="all")
     fit(adalabel, max_steps=12, max_epochs=-1)  # 8 batches of 16: epoch 0 refreshed, 4 batches of epoch 1 wait
-    assert adalabel.label_matrix.num_refreshes == 1
-    assert float(adalabel.label_matrix.seen.sum()) == 4 * 16
+    assert adalabel.engine.num_refreshes == 1
+    assert float(adalabel.engine.seen.sum()) == 4 * 16
     assert adalabel.state_dict()["statistics_epoch"] == 1
 
 
@@ -191,18 +192,18 @@ def test_copies_of_a_callback_are_independent_under_ddp_spawn(clone, monkeypatch
     untrained, trained = clone(template), clone(template)
     assert len({template._hand_over.path, untrained._hand_over.path, trained._hand_over.path}) == 3
     fit(trained, devices=2, strategy="ddp_spawn", max_epochs=2)
-    assert untrained.label_matrix is None and template.label_matrix is None  # read first: they take nothing
-    assert trained.label_matrix is not None and trained.label_matrix.num_refreshes == 2
-    assert not torch.equal(trained.label_matrix.matrix, initial_label_matrix(K))
+    assert untrained.engine is None and template.engine is None  # read first: they take nothing
+    assert trained.engine is not None and trained.engine.num_refreshes == 2
+    assert not torch.equal(trained.engine.matrix, initial_label_matrix(K))
 
 
 def test_a_copy_made_after_training_carries_the_learned_q_and_learns_on_its_own():
     original = AdaLabel()
     fit(original)
     duplicate = copy.deepcopy(original)
-    assert torch.equal(duplicate.label_matrix.matrix, original.label_matrix.matrix)
+    assert torch.equal(duplicate.engine.matrix, original.engine.matrix)
     fit(duplicate)
-    assert duplicate.label_matrix.num_refreshes == 2 and original.label_matrix.num_refreshes == 1
+    assert duplicate.engine.num_refreshes == 2 and original.engine.num_refreshes == 1
 
 
 # ---- 5. any order of fit / validate / test / predict ------------------------------------------------------------
@@ -226,14 +227,14 @@ def test_evaluation_before_and_between_fits_leaves_the_statistics_alone(inferenc
     trainer.validate(model, loader)
     trainer.test(model, loader)
     trainer.predict(model, loader)
-    assert adalabel.label_matrix.seen.sum() == 0  # evaluation created the engine, fed nothing
+    assert adalabel.engine.seen.sum() == 0  # evaluation created the engine, fed nothing
     for max_epochs in (1, 2):
         trainer = L.Trainer(**trainer_kwargs(callbacks=[adalabel], inference_mode=inference_mode,
                                              max_epochs=max_epochs, limit_val_batches=2))
         trainer.fit(model, loader, loader)
         trainer.validate(model, loader)
         trainer.predict(model, loader)
-    assert adalabel.label_matrix.num_refreshes == 3
+    assert adalabel.engine.num_refreshes == 3
 
 
 # ---- 6. skipped batches, and the check that the loss is ours -----------------------------------------------------
@@ -256,8 +257,8 @@ class SkipsBatches(StepRecorder):
 def test_skipped_batches_are_fine_on_any_batch(skip):
     adalabel = AdaLabel(samples="all", refresh_every_n_steps=100)  # no refresh: the statistics stay to be read
     _, model = fit(adalabel, SkipsBatches(skip))
-    assert float(adalabel.label_matrix.seen.sum()) == (8 - len(skip)) * 16
-    torch.testing.assert_close(adalabel.label_matrix.accumulator, by_hand(model.records, samples="all").accumulator)
+    assert float(adalabel.engine.seen.sum()) == (8 - len(skip)) * 16
+    torch.testing.assert_close(adalabel.engine.accumulator, by_hand(model.records, samples="all").accumulator)
 
 
 class OtherLoss(TinyClassifier):
@@ -326,7 +327,7 @@ def test_masked_logits_train_as_with_torch(preset):
     for _, logits, y, loss in model.records:
         assert torch.equal(loss, F.cross_entropy(logits, y, label_smoothing=smoothing))
     assert torch.isfinite(model.records[0][3]) == (preset == "none")  # torch's label smoothing: inf
-    assert adalabel.label_matrix.nonfinite.sum() == 0
+    assert adalabel.engine.nonfinite.sum() == 0
 
 
 def test_masked_logits_feed_alr_the_residual_over_the_allowed_classes():
@@ -334,9 +335,9 @@ def test_masked_logits_feed_alr_the_residual_over_the_allowed_classes():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         _, model = fit(adalabel, MaskedLastClass(), masked_loader())
-    assert adalabel.label_matrix.nonfinite.sum() == 0
-    assert (adalabel.label_matrix.matrix[: K - 1, K - 1] == 0).all()  # a masked class gets no residual mass
-    torch.testing.assert_close(adalabel.label_matrix.matrix, by_hand(model.records, [8], samples="all").matrix)
+    assert adalabel.engine.nonfinite.sum() == 0
+    assert (adalabel.engine.matrix[: K - 1, K - 1] == 0).all()  # a masked class gets no residual mass
+    torch.testing.assert_close(adalabel.engine.matrix, by_hand(model.records, [8], samples="all").matrix)
 
 
 class NaNFromBatch(StepRecorder):
@@ -357,8 +358,8 @@ def test_nan_logits_are_treated_alike_on_any_batch(batch):
     adalabel = AdaLabel(samples="all")
     with pytest.warns(UserWarning, match="NaN or \\+Inf"):
         fit(adalabel, NaNFromBatch(batch))
-    assert adalabel.label_matrix.num_refreshes == 1  # warned, not refused
-    assert not torch.isnan(adalabel.label_matrix.matrix).any()
+    assert adalabel.engine.num_refreshes == 1  # warned, not refused
+    assert not torch.isnan(adalabel.engine.matrix).any()
 
 
 # ---- several optimizers, several losses a step -------------------------------------------------------------------
@@ -392,9 +393,9 @@ def test_each_adalabel_loss_call_counts_and_steps_of_every_optimizer_count():
     assert trainer.global_step == 16  # 8 batches, 2 optimizer steps each
     # A refresh at the first batch end at or past each multiple of 3 steps: after batches 2, 3, 5, 6, 8 (steps 4,
     # 6, 10, 12, 16), i.e. after records 4, 6, 10, 12, 16 (two per batch).
-    assert adalabel.label_matrix.num_refreshes == 5
+    assert adalabel.engine.num_refreshes == 5
     expected = by_hand(model.records, refresh_after=[4, 6, 10, 12, 16], samples="all")
-    torch.testing.assert_close(adalabel.label_matrix.matrix, expected.matrix)
+    torch.testing.assert_close(adalabel.engine.matrix, expected.matrix)
 
 
 # ---- Trainer flags that change which batches run -------------------------------------------------------------
@@ -422,22 +423,22 @@ def test_trainer_flags(flags, batches, refreshes):
     assert len(model.records) == batches
     per_epoch = batches // refreshes
     expected = by_hand(model.records, [per_epoch * (epoch + 1) for epoch in range(refreshes)], samples="all")
-    assert adalabel.label_matrix.num_refreshes == refreshes
-    torch.testing.assert_close(adalabel.label_matrix.matrix, expected.matrix)
+    assert adalabel.engine.num_refreshes == refreshes
+    torch.testing.assert_close(adalabel.engine.matrix, expected.matrix)
 
 
 def test_accumulation_counts_optimizer_steps_for_the_refresh_period():
     adalabel = AdaLabel(samples="all", refresh_every_n_steps=2)
     trainer, model = fit(adalabel, StepRecorder(), accumulate_grad_batches=3)  # steps after batches 3, 6 and 8
     assert trainer.global_step == 3
-    assert adalabel.label_matrix.num_refreshes == 1  # at step 2 (batch 6); step 3 waits for step 4
-    torch.testing.assert_close(adalabel.label_matrix.matrix, by_hand(model.records, [6], samples="all").matrix)
+    assert adalabel.engine.num_refreshes == 1  # at step 2 (batch 6); step 3 waits for step 4
+    torch.testing.assert_close(adalabel.engine.matrix, by_hand(model.records, [6], samples="all").matrix)
 
 
 def test_no_training_batches_no_refresh_and_no_error():
     adalabel = AdaLabel()
     fit(adalabel, limit_train_batches=0, max_epochs=2)
-    assert adalabel.label_matrix is None
+    assert adalabel.engine is None
 
 
 # ---- 8. messages -----------------------------------------------------------------------------------------------
@@ -509,8 +510,8 @@ def test_precision(precision, logits_dtype):
     adalabel = AdaLabel(samples="all")
     _, model = fit(adalabel, Float64Recorder(), precision=precision)
     assert model.records[0][1].dtype == logits_dtype
-    assert adalabel.label_matrix.matrix.dtype == torch.float32
-    torch.testing.assert_close(adalabel.label_matrix.matrix, by_hand(model.records, [8], samples="all").matrix)
+    assert adalabel.engine.matrix.dtype == torch.float32
+    torch.testing.assert_close(adalabel.engine.matrix, by_hand(model.records, [8], samples="all").matrix)
 
 
 @pytest.mark.slow
@@ -518,8 +519,8 @@ def test_ddp_notebook_hands_the_learned_q_back(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     adalabel = AdaLabel()
     fit(adalabel, devices=2, strategy="ddp_notebook", max_epochs=2)
-    assert adalabel.label_matrix.num_refreshes == 2
-    assert not torch.equal(adalabel.label_matrix.matrix, initial_label_matrix(K))
+    assert adalabel.engine.num_refreshes == 2
+    assert not torch.equal(adalabel.engine.matrix, initial_label_matrix(K))
 
 
 def test_evaluating_a_checkpoint_with_other_adalabel_settings_warns_where_resuming_refuses(tmp_path):
@@ -531,6 +532,6 @@ def test_evaluating_a_checkpoint_with_other_adalabel_settings_warns_where_resumi
         evaluation.test(Evaluated(), make_loader(), ckpt_path=tmp_path / "alr.ckpt")
     with pytest.warns(UserWarning, match="Predict goes on with this callback's own settings"):
         evaluation.predict(Evaluated(), make_loader(), ckpt_path=tmp_path / "alr.ckpt")
-    assert other.label_matrix.num_refreshes == 0  # its own, not the checkpoint's
+    assert other.engine.num_refreshes == 0  # its own, not the checkpoint's
     with pytest.raises(ValueError, match="written by preset 'alr' with other settings"):
         fit(AdaLabel(preset="ols"), Evaluated(), ckpt_path=str(tmp_path / "alr.ckpt"), max_epochs=2)

@@ -18,7 +18,8 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from lightning_adalabel import AdaLabel, initial_label_matrix
+from lightning_adalabel import AdaLabel
+from lightning_adalabel.label_matrix import initial_label_matrix
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
 K = 5
@@ -49,7 +50,7 @@ class EngineAtTrainStart(Callback):
     """Records the engine as the real run starts (after the finders have run in on_fit_start)."""
 
     def on_train_start(self, trainer, pl_module):
-        engine = pl_module._adalabel_callback.label_matrix
+        engine = pl_module._adalabel_callback.engine
         self.state = None if engine is None else (engine.num_refreshes, engine.accumulator.clone(),
                                                   engine.matrix.clone())
 
@@ -78,8 +79,8 @@ def test_the_batch_size_finder_leaves_no_statistics_and_the_run_equals_one_witho
     assert model.batch_size != 16  # the finder did change it
     assert_untouched_at_train_start(probe)
     plain_model, plain_callback, _ = run(None, tmp_path / "without", batch_size=model.batch_size)
-    assert callback.label_matrix.num_refreshes == plain_callback.label_matrix.num_refreshes == 2
-    torch.testing.assert_close(callback.label_matrix.matrix, plain_callback.label_matrix.matrix)
+    assert callback.engine.num_refreshes == plain_callback.engine.num_refreshes == 2
+    torch.testing.assert_close(callback.engine.matrix, plain_callback.engine.matrix)
     torch.testing.assert_close(model.net.weight, plain_model.net.weight)
 
 
@@ -89,8 +90,8 @@ def test_the_learning_rate_finder_leaves_no_statistics_and_the_run_equals_one_wi
     assert model.hparams.lr != 0.1  # the suggestion was applied
     assert_untouched_at_train_start(probe)
     plain_model, plain_callback, _ = run(None, tmp_path / "without", lr=model.hparams.lr)
-    assert callback.label_matrix.num_refreshes == plain_callback.label_matrix.num_refreshes == 2
-    torch.testing.assert_close(callback.label_matrix.matrix, plain_callback.label_matrix.matrix)
+    assert callback.engine.num_refreshes == plain_callback.engine.num_refreshes == 2
+    torch.testing.assert_close(callback.engine.matrix, plain_callback.engine.matrix)
     torch.testing.assert_close(model.net.weight, plain_model.net.weight)
 
 
@@ -133,7 +134,7 @@ def test_checkpointing_early_stopping_and_the_learning_rate_monitor_run_beside_a
     ))
     trainer.fit(TunableClassifier())
     assert trainer.current_epoch == 2 and stopping.stopped_epoch == 1
-    assert callback.label_matrix.num_refreshes == 2
+    assert callback.engine.num_refreshes == 2
     saved = torch.load(checkpoint.last_model_path, map_location="cpu", weights_only=False)
     (state,) = [value for key, value in saved["callbacks"].items() if key.startswith("AdaLabel")]
     assert state["label_matrix"]["num_refreshes"] == saved["epoch"] + 1  # saved after its epoch's refresh
@@ -141,6 +142,6 @@ def test_checkpointing_early_stopping_and_the_learning_rate_monitor_run_beside_a
     trainer_resumed = L.Trainer(**trainer_kwargs(callbacks=[resumed], max_epochs=saved["epoch"] + 2,
                                                  default_root_dir=tmp_path))
     trainer_resumed.fit(TunableClassifier(), ckpt_path=checkpoint.last_model_path)
-    assert resumed.label_matrix.num_refreshes == saved["epoch"] + 2
+    assert resumed.engine.num_refreshes == saved["epoch"] + 2
     metrics = open(os.path.join(trainer.logger.log_dir, "metrics.csv")).readline()
     assert "lr-SGD" in metrics and "adalabel/entropy" in metrics

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_adalabel import decoupled_loss, initial_label_matrix, mixed_loss, residual_cross_entropy
-from lightning_adalabel.losses import adalabel_loss
+from lightning_adalabel.label_matrix import initial_label_matrix
+from lightning_adalabel.losses import decoupled_loss, mixed_loss, residual_cross_entropy
+from lightning_adalabel.losses import soft_label_loss
 from tests.references import naive_residual_ce, naive_soft_ce, random_residual_matrix
 
 
@@ -68,7 +69,7 @@ def test_mixed_loss_with_uniform_matrix_is_label_smoothing():
 def test_ce_mode_is_exactly_cross_entropy():
     logits, target = torch.randn(16, 10), torch.randint(0, 10, (16,))
     matrix = random_residual_matrix(10)
-    assert torch.equal(adalabel_loss(logits, target, matrix, "ce", 0.0), F.cross_entropy(logits, target))
+    assert torch.equal(soft_label_loss(logits, target, matrix, "ce", 0.0), F.cross_entropy(logits, target))
 
 
 @pytest.mark.parametrize("mode", ["decoupled", "mixed"])
@@ -95,14 +96,14 @@ def test_losses_are_computed_in_float32_for_low_precision_logits():
     logits, target = (5 * torch.randn(8, 6)).bfloat16(), torch.randint(0, 6, (8,))
     matrix = random_residual_matrix(6)
     for mode in ("decoupled", "mixed", "ce"):
-        low = adalabel_loss(logits, target, matrix, mode, 0.5)
+        low = soft_label_loss(logits, target, matrix, mode, 0.5)
         assert low.dtype == torch.float32
-        torch.testing.assert_close(low, adalabel_loss(logits.float(), target, matrix, mode, 0.5))
+        torch.testing.assert_close(low, soft_label_loss(logits.float(), target, matrix, mode, 0.5))
 
 
 def test_unknown_loss_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="Loss mode must be one of"):
-        adalabel_loss(torch.randn(2, 3), torch.tensor([0, 1]), initial_label_matrix(3), "focal", 0.5)
+        soft_label_loss(torch.randn(2, 3), torch.tensor([0, 1]), initial_label_matrix(3), "focal", 0.5)
 
 
 @pytest.mark.parametrize("mode", ["decoupled", "mixed", "ce"])
@@ -111,6 +112,6 @@ def test_losses_under_bf16_autocast_equal_float32(mode, soft):
     logits = 4 * torch.randn(8, 6)
     target = torch.softmax(torch.randn(8, 6), 1) if soft else torch.randint(0, 6, (8,))
     matrix = random_residual_matrix(6)
-    expected = adalabel_loss(logits, target, matrix, mode, 0.5)
+    expected = soft_label_loss(logits, target, matrix, mode, 0.5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(adalabel_loss(logits, target, matrix, mode, 0.5), expected)
+        torch.testing.assert_close(soft_label_loss(logits, target, matrix, mode, 0.5), expected)

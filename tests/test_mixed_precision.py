@@ -10,7 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_adalabel import AdaLabel, LabelMatrix, initial_label_matrix
+from lightning_adalabel import AdaLabel
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from lightning_adalabel.losses import LOSS_MODES, adalabel_loss
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 from tests.references import naive_loss, naive_refresh, random_residual_matrix
@@ -135,13 +136,13 @@ def test_bf16_mixed_training_is_finite_and_close_to_float32(preset):
     reference_model, reference = train("32-true", preset)
     assert set(model.dtypes) == {(torch.bfloat16, torch.float32)}  # autocast was on, the loss in float32 anyway
     assert set(reference_model.dtypes) == {(torch.float32, torch.float32)}
-    assert adalabel.label_matrix.accumulator.dtype == adalabel.label_matrix.matrix.dtype == torch.float32
+    assert adalabel.engine.accumulator.dtype == adalabel.engine.matrix.dtype == torch.float32
     assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
     assert torch.isfinite(torch.stack(model.losses)).all()
-    assert adalabel.label_matrix.num_refreshes == reference.label_matrix.num_refreshes >= 5
-    matrix = adalabel.label_matrix.matrix
+    assert adalabel.engine.num_refreshes == reference.engine.num_refreshes >= 5
+    matrix = adalabel.engine.matrix
     assert torch.isfinite(matrix).all()
-    assert (matrix - reference.label_matrix.matrix).abs().max() < 1e-2
+    assert (matrix - reference.engine.matrix).abs().max() < 1e-2
 
 
 # ---- non-finite logits ----------------------------------------------------------------------------------------
@@ -198,7 +199,7 @@ class NonFiniteRecorder(AdaLabel):
         self.nonfinite_at_refresh: List[torch.Tensor] = []
 
     def _refresh(self, trainer, pl_module, on_step) -> None:  # type: ignore[override]
-        self.nonfinite_at_refresh.append(self.label_matrix.nonfinite.clone())
+        self.nonfinite_at_refresh.append(self.engine.nonfinite.clone())
         super()._refresh(trainer, pl_module, on_step)
 
 
@@ -213,7 +214,7 @@ def test_nonfinite_logits_are_counted_logged_and_warned_at_refresh():
     poisoned_targets = torch.cat([model.seen[batch][1][:4] for batch in (2, 5)])
     (nonfinite,) = adalabel.nonfinite_at_refresh
     assert torch.equal(nonfinite, torch.bincount(poisoned_targets, minlength=K).float())
-    matrix = adalabel.label_matrix.matrix
+    matrix = adalabel.engine.matrix
     assert torch.isfinite(matrix).all()
     assert torch.isfinite(model.net.weight).all()
     expected = naive_refresh(initial_label_matrix(K), model.seen, "all", "mean", 1.0, False)[0].float()
@@ -236,4 +237,4 @@ def test_nonfinite_logits_in_the_first_batch_are_told_at_once_and_left_out_as_la
     with pytest.warns(UserWarning, match=r"4 of 16 positions of the first training batch have NaN or \+Inf logits"):
         trainer.fit(NonFiniteLogits(poisoned_batches=(0,), num_classes=K), make_loader(num_classes=K))
     assert adalabel.nonfinite_at_refresh[0].sum() == 4
-    assert torch.isfinite(adalabel.label_matrix.matrix).all()
+    assert torch.isfinite(adalabel.engine.matrix).all()

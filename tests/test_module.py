@@ -59,7 +59,7 @@ def test_pickle_deepcopy_and_torch_save_of_a_trained_module_leave_q_out():
     model = TinyClassifier(num_classes=num_classes)
     loader = make_loader(num_classes=num_classes)
     fit(callback, model, loader)
-    engine = callback.label_matrix
+    engine = callback.engine
     q_bytes = engine.matrix.numel() * 4 + engine.accumulator.numel() * 4
     assert q_bytes > 300_000
     assert model._adalabel_callback is callback
@@ -84,9 +84,9 @@ def test_pickle_deepcopy_and_torch_save_of_a_trained_module_leave_q_out():
     before = model.net.weight.detach().clone()
     fit(callback, model, loader)  # the original still trains with the same callback
     assert not torch.equal(model.net.weight, before)
-    assert callback.label_matrix.num_refreshes == 2
+    assert callback.engine.num_refreshes == 2
 
     fresh = AdaLabel()
     fit(fresh, copies[1], loader)  # and a copy trains with a callback of its own
-    assert copies[1]._adalabel_callback is fresh and fresh.label_matrix.num_refreshes == 1
+    assert copies[1]._adalabel_callback is fresh and fresh.engine.num_refreshes == 1
 

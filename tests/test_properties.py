@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from lightning_adalabel import PRESETS, LabelMatrix, adalabel_loss, initial_label_matrix
+from lightning_adalabel import PRESETS
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
+from lightning_adalabel.losses import soft_label_loss
 from lightning_adalabel.inputs import _format, check_values, count_unusable_logits
 
 # Every loss mode a preset uses, each with the alpha a preset could give it.
@@ -226,7 +228,7 @@ def check_loss(q_residual: torch.Tensor, q_mixed: torch.Tensor, batch: Batch) ->
         q = q_residual if mode == "decoupled" else q_mixed
         for reduction in ("none", "mean"):
             flat = batch.flat_logits.clone().requires_grad_()
-            loss = adalabel_loss(batch.layout(flat), batch.target, q, mode, alpha, batch.ignore_index, reduction)
+            loss = soft_label_loss(batch.layout(flat), batch.target, q, mode, alpha, batch.ignore_index, reduction)
             where = f"mode={mode}, reduction={reduction}"
             if reduction == "none":
                 assert loss.shape == (batch.logits.shape[0], *batch.logits.shape[2:]), where
@@ -237,7 +239,7 @@ def check_loss(q_residual: torch.Tensor, q_mixed: torch.Tensor, batch: Batch) ->
                 # Layout-independent: the same per-position values from the flattened clean rows.
                 clean = batch.clean
                 if clean.any():
-                    rows = adalabel_loss(batch.flat_logits[clean], batch.flat_target[clean], q, mode, alpha,
+                    rows = soft_label_loss(batch.flat_logits[clean], batch.flat_target[clean], q, mode, alpha,
                                          batch.ignore_index, "none")
                     torch.testing.assert_close(values[clean], rows.double(), rtol=1e-5, atol=1e-5, msg=where)
             else:
@@ -304,8 +306,8 @@ def test_uint8_targets_with_n_equal_to_k_are_class_indices_not_a_mask(mode):
     q = initial_label_matrix(k) if mode == "decoupled" else initial_label_matrix(k, include_diagonal=True)
     alpha = LOSS_MODES[mode]
     for reduction in ("none", "mean"):
-        loss = adalabel_loss(logits, target, q, mode, alpha, reduction=reduction)
-        torch.testing.assert_close(loss, adalabel_loss(logits, target.long(), q, mode, alpha, reduction=reduction))
+        loss = soft_label_loss(logits, target, q, mode, alpha, reduction=reduction)
+        torch.testing.assert_close(loss, soft_label_loss(logits, target.long(), q, mode, alpha, reduction=reduction))
         if mode == "ce":
             torch.testing.assert_close(loss, F.cross_entropy(logits, target.long(), reduction=reduction))
     engine, reference = LabelMatrix(k, samples="all"), LabelMatrix(k, samples="all")
@@ -326,7 +328,7 @@ def test_probability_targets_times_three_are_invalid():
     engine.refresh()
     torch.testing.assert_close(engine.matrix, initial_label_matrix(k), rtol=0, atol=0)
     for mode, alpha in LOSS_MODES.items():
-        assert adalabel_loss(logits, target, initial_label_matrix(k), mode, alpha).isnan()
+        assert soft_label_loss(logits, target, initial_label_matrix(k), mode, alpha).isnan()
     with pytest.raises(ValueError, match=rf"^{n * 2} of {n * 2} probability targets are not distributions"):
         check_values(logits, target)
     # Divided by 3 again, they are distributions.
@@ -344,7 +346,7 @@ def test_float64_probability_targets_with_the_engines_float32_label_matrix(mode,
     logits = torch.zeros(1, 2, dtype=logits_dtype)
     target = torch.tensor([[1.0, 0.0]], dtype=target_dtype)
     q = LabelMatrix(2).matrix
-    loss = adalabel_loss(logits, target, q, mode, 0.5)
+    loss = soft_label_loss(logits, target, q, mode, 0.5)
     # A one-hot probability target gives the loss of its class.
-    expected = adalabel_loss(logits, torch.tensor([0]), q, mode, 0.5)
+    expected = soft_label_loss(logits, torch.tensor([0]), q, mode, 0.5)
     torch.testing.assert_close(loss, expected, check_dtype=False)

@@ -50,7 +50,7 @@ def test_readme_usage_example_trains_and_refreshes_the_label_matrix(tmp_path, mo
     trainer, adalabel = namespace["trainer"], namespace["adalabel"]
     assert trainer.state.finished and trainer.current_epoch == trainer.max_epochs
     assert adalabel in trainer.callbacks
-    matrix = adalabel.label_matrix.matrix.cpu()
+    matrix = adalabel.engine.matrix.cpu()
     num_classes = matrix.shape[0]
     # Refreshed: no longer the uniform start 1/(K-1) off the diagonal, and still a residual label matrix.
     uniform = (torch.ones(num_classes, num_classes) - torch.eye(num_classes)) / (num_classes - 1)

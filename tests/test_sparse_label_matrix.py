@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_adalabel import LabelMatrix
+from lightning_adalabel.label_matrix import LabelMatrix
 from lightning_adalabel.losses import adalabel_loss
 from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix, _coalesce_top
 from tests.references import naive_loss, random_batches

@@ -33,9 +33,9 @@ def test_top_k_of_all_classes_trains_as_the_dense_callback(settings):
         torch.manual_seed(0)
         callback = AdaLabel(top_k=top_k, refresh_every_n_steps=3, **settings)
         _, model = fit(callback, loader=make_loader(96), max_epochs=2)
-        matrix = callback.label_matrix.matrix if top_k is None else callback.label_matrix.to_dense()
+        matrix = callback.engine.matrix if top_k is None else callback.engine.to_dense()
         runs.append((matrix, model.net.weight.detach()))
-    assert callback.label_matrix.num_refreshes == 4
+    assert callback.engine.num_refreshes == 4
     torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(runs[0][0], runs[0][0].new_full(runs[0][0].shape, runs[0][0][0, 1].item()))
@@ -58,7 +58,7 @@ def test_presets_that_never_refresh_train_with_top_k_as_the_dense_callback(prese
 def test_small_top_k_keeps_k_entries_per_row_and_trains():
     callback = AdaLabel(top_k=2, samples="all", num_classes=5)
     fit(callback, loader=make_loader(64), max_epochs=2)
-    engine = callback.label_matrix
+    engine = callback.engine
     assert isinstance(engine, SparseLabelMatrix) and engine.indices.shape == (5, 2)
     torch.testing.assert_close(engine.values.sum(dim=1) + engine.residual_mass, torch.ones(5))
     assert (engine.values > 0).all() and (engine.indices != torch.arange(5)[:, None]).all()
@@ -108,7 +108,7 @@ def test_one_fixed_size_all_gather_per_refresh_and_no_all_reduce(ddp_records):
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
 
 def engine_state(adalabel: AdaLabel) -> dict:
-    return adalabel.label_matrix.state_dict()
+    return adalabel.engine.state_dict()
 
 
 @pytest.mark.parametrize("every, save_every, crash_at", [(None, 3, 7), (3, 4, 7), (None, 4, 10)],
@@ -119,7 +119,7 @@ def test_resume_equals_the_uninterrupted_run(every, save_every, crash_at, tmp_pa
     resumable_fit(tmp_path, refresh_every_n_steps=every, save_every=save_every, crash_at=crash_at, **settings)
     model, adalabel = resumable_fit(tmp_path, refresh_every_n_steps=every, ckpt_path=tmp_path / "last.ckpt",
                                     model=MomentumClassifier(), **settings)
-    assert expected.label_matrix.num_refreshes >= 2
+    assert expected.engine.num_refreshes >= 2
     for (name, got), want in zip(model.state_dict().items(), expected_model.state_dict().values()):
         assert torch.equal(got, want), name
     got_state, want_state = engine_state(adalabel), engine_state(expected)
@@ -160,6 +160,6 @@ def test_logging_draws_the_heatmap_at_small_k_and_only_the_pairs_above(num_class
     assert sorted(os.listdir(directory)) == sorted(expected_files)
     with open(os.path.join(directory, "step_4_top_pairs.csv"), newline="") as handle:
         rows = list(csv.reader(handle))
-    expected = top_correlated_pairs(callback.label_matrix.to_dense(), 4)
+    expected = top_correlated_pairs(callback.engine.to_dense(), 4)
     assert [(row[0], row[1]) for row in rows[1:]] == [(row[0], row[1]) for row in expected]
     assert [float(row[2]) for row in rows[1:]] == pytest.approx([row[2] for row in expected], abs=1e-6)

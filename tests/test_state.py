@@ -23,7 +23,8 @@ import torch.multiprocessing  # noqa: F401  (registers the shared-memory reducer
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from torch.optim.swa_utils import get_ema_avg_fn
 
-from lightning_adalabel import AdaLabel, LabelMatrix, initial_label_matrix
+from lightning_adalabel import AdaLabel
+from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from tests.helpers import TinyClassifier, fit, make_loader, trainer_kwargs
 
 K = 5
@@ -46,7 +47,7 @@ def trained_checkpoint(tmp_path_factory):
     trainer, _ = fit(callback)
     path = str(tmp_path_factory.mktemp("state") / "trained.ckpt")
     trainer.save_checkpoint(path)
-    assert callback.label_matrix.num_refreshes == 1 and callback.label_matrix.counts.sum() > 0
+    assert callback.engine.num_refreshes == 1 and callback.engine.counts.sum() > 0
     return path
 
 
@@ -111,7 +112,7 @@ def test_invalid_checkpoint_state_is_a_clear_error_and_restores_nothing(trained_
     callback = AdaLabel(samples="all", refresh_every_n_steps=5)
     with pytest.raises(ValueError, match=message):  # a ValueError, not a KeyError / IndexError later
         fit(callback, ckpt_path=path, max_epochs=2)
-    assert callback.label_matrix is None  # nothing half-restored
+    assert callback.engine is None  # nothing half-restored
 
 
 def test_invalid_checkpoint_state_keeps_the_callbacks_own_q(trained_checkpoint, tmp_path):
@@ -119,17 +120,17 @@ def test_invalid_checkpoint_state_keeps_the_callbacks_own_q(trained_checkpoint, 
     already started with empty statistics, as every fit does)."""
     callback = AdaLabel(samples="all", refresh_every_n_steps=5)
     fit(callback)
-    before_matrix = callback.label_matrix.matrix.clone()
-    before_accumulator = callback.label_matrix.accumulator.clone()
-    engine = callback.label_matrix
+    before_matrix = callback.engine.matrix.clone()
+    before_accumulator = callback.engine.accumulator.clone()
+    engine = callback.engine
     path = corrupted_checkpoint(trained_checkpoint, tmp_path / "nan.ckpt", set_matrix(with_nan))
     with pytest.raises(ValueError, match="NaN"):
         fit(callback, ckpt_path=path, max_epochs=2)
-    assert callback.label_matrix is engine
-    assert torch.equal(callback.label_matrix.matrix, before_matrix)
-    assert callback.label_matrix.num_refreshes == 1
+    assert callback.engine is engine
+    assert torch.equal(callback.engine.matrix, before_matrix)
+    assert callback.engine.num_refreshes == 1
     # The refused fit started fresh (empty statistics) before the checkpoint was read; nothing of it was loaded.
-    assert before_accumulator.sum() > 0 and callback.label_matrix.accumulator.sum() == 0
+    assert before_accumulator.sum() > 0 and callback.engine.accumulator.sum() == 0
 
 
 def as_version_1(state):
@@ -148,7 +149,7 @@ def test_version_1_state_resumes_and_gains_the_invalid_target_column(trained_che
 
     restored = AdaLabel(samples="all", refresh_every_n_steps=5)
     fit(restored, ckpt_path=path, max_epochs=1)  # max_epochs already reached: restores only
-    engine = restored.label_matrix
+    engine = restored.engine
     assert torch.equal(engine.matrix, saved["label_matrix"]["matrix"])
     assert engine.accumulator.shape == (K, K + 4)
     assert torch.equal(engine.accumulator[:, : K + 3], saved["label_matrix"]["accumulator"][:, : K + 3])
@@ -158,8 +159,8 @@ def test_version_1_state_resumes_and_gains_the_invalid_target_column(trained_che
 
     trained_on = AdaLabel(samples="all", refresh_every_n_steps=5)
     fit(trained_on, ckpt_path=path, max_epochs=2)  # and training goes on from it: refreshes at steps 10 and 15
-    assert trained_on.label_matrix.num_refreshes == 3
-    assert_valid_residual(trained_on.label_matrix.matrix)
+    assert trained_on.engine.num_refreshes == 3
+    assert_valid_residual(trained_on.engine.matrix)
 
 
 # ---- 2. every fit starts fresh -------------------------------------------------------------------------------
@@ -176,12 +177,12 @@ class RecordingAdaLabel(AdaLabel):
 
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
-        engine = self.label_matrix
+        engine = self.engine
         self.start_matrices.append(None if engine is None else engine.matrix.clone())
         self.start_accumulators.append(None if engine is None else engine.accumulator.clone())
 
     def _refresh(self, trainer, pl_module, on_step):
-        self.refreshes.append((trainer.global_step, float(self.label_matrix.seen.sum())))
+        self.refreshes.append((trainer.global_step, float(self.engine.seen.sum())))
         super()._refresh(trainer, pl_module, on_step)
 
 
@@ -194,8 +195,8 @@ def test_a_reused_callback_starts_each_fit_with_empty_statistics_and_its_own_sch
     model = TinyClassifier()
     fit(callback, model, eight_batches_of_eight())
     assert callback.refreshes == [(5, 40.0)]
-    assert float(callback.label_matrix.seen.sum()) == 24.0  # steps 6 to 8 wait for a refresh that never comes
-    q_after_first_fit = callback.label_matrix.matrix.clone()
+    assert float(callback.engine.seen.sum()) == 24.0  # steps 6 to 8 wait for a refresh that never comes
+    q_after_first_fit = callback.engine.matrix.clone()
     assert not torch.equal(q_after_first_fit, initial_label_matrix(K))
 
     fit(callback, model, eight_batches_of_eight())  # a new Trainer, the same callback
@@ -205,7 +206,7 @@ def test_a_reused_callback_starts_each_fit_with_empty_statistics_and_its_own_sch
     assert callback.start_accumulators[1] is not None and callback.start_accumulators[1].sum() == 0
     # Q, like the weights, is kept across fits.
     assert torch.equal(callback.start_matrices[1], q_after_first_fit)
-    assert callback.label_matrix.num_refreshes == 2
+    assert callback.engine.num_refreshes == 2
 
 
 class Interrupted(Exception):
@@ -230,12 +231,12 @@ def test_a_fit_after_an_interrupted_one_starts_empty():
     with pytest.raises(Interrupted):
         fit([CrashAt(batch_idx=2), callback], model, eight_batches_of_eight())
     assert callback.refreshes == []
-    assert float(callback.label_matrix.seen.sum()) == 16.0  # batches 0 and 1; batch 2 was still pending
+    assert float(callback.engine.seen.sum()) == 16.0  # batches 0 and 1; batch 2 was still pending
 
     fit(callback, model, eight_batches_of_eight())
     assert callback.start_accumulators[1].sum() == 0
     assert callback.refreshes == [(5, 40.0)]  # neither the 16 counted nor the 8 pending samples of the crash
-    assert callback.label_matrix.num_refreshes == 1
+    assert callback.engine.num_refreshes == 1
 
 
 # ---- 3. weight averaging ---------------------------------------------------------------------------------------
@@ -272,9 +273,9 @@ def test_alr_trains_with_weight_averaging(make_averaging):
     # AdaLabel first: the module already holds the callback when the averaging callback deep-copies it.
     trainer, model = fit([callback, averaging], max_epochs=3)
     assert trainer.current_epoch == 3
-    assert callback.label_matrix.num_refreshes == 3
-    assert not torch.equal(callback.label_matrix.matrix, initial_label_matrix(K))
-    assert_valid_residual(callback.label_matrix.matrix)
+    assert callback.engine.num_refreshes == 3
+    assert not torch.equal(callback.engine.matrix, initial_label_matrix(K))
+    assert_valid_residual(callback.engine.matrix)
 
     averaged = averaging._average_model
     averaged = averaged.module if hasattr(averaged, "module") else averaged
@@ -299,13 +300,13 @@ def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process
         trainer.fit(model, make_loader(num_samples=64, batch_size=8))
         hand_over = callback._hand_over.path
         assert os.path.exists(hand_over)  # written by rank 0, not read yet
-    engine = callback.label_matrix
+    engine = callback.engine
     assert engine is not None
     assert not os.path.exists(hand_over)  # read once, then removed
     assert engine.num_refreshes == 3
     assert not torch.equal(engine.matrix, initial_label_matrix(K))
     assert_valid_residual(engine.matrix)
-    assert callback.label_matrix is engine  # reading it again changes nothing
+    assert callback.engine is engine  # reading it again changes nothing
 
 
 def test_a_label_matrix_sent_to_another_process_owns_its_tensors():
@@ -314,12 +315,12 @@ def test_a_label_matrix_sent_to_another_process_owns_its_tensors():
     callback, model = AdaLabel(), TinyClassifier()
     fit(callback, model)
     sent = ForkingPickler.loads(ForkingPickler.dumps(callback))
-    assert torch.equal(sent.label_matrix.matrix, callback.label_matrix.matrix)
-    sent.label_matrix.sums.add_(1.0)
-    sent.label_matrix.tallies.add_(1.0)
-    sent.label_matrix.matrix.zero_()
-    assert not callback.label_matrix.accumulator.any()
-    assert_valid_residual(callback.label_matrix.matrix)
+    assert torch.equal(sent.engine.matrix, callback.engine.matrix)
+    sent.engine.sums.add_(1.0)
+    sent.engine.tallies.add_(1.0)
+    sent.engine.matrix.zero_()
+    assert not callback.engine.accumulator.any()
+    assert_valid_residual(callback.engine.matrix)
 
 
 def test_a_label_matrix_pickled_with_the_k_by_k_plus_4_table_unpickles():
@@ -368,7 +369,7 @@ def test_class_names_are_checked_as_soon_as_k_is_inferred():
     with pytest.raises(ValueError, match=r"Got 2 `class_names` for 5 classes"):
         fit(callback, model)
     assert model.steps == 1  # the first training batch, not the refresh at the end of the epoch
-    assert callback.label_matrix is None
+    assert callback.engine is None
 
 
 class WarningsAtFirstStep(TinyClassifier):
@@ -391,7 +392,7 @@ def test_a_refresh_period_longer_than_the_run_warns_at_the_start_of_training():
         model.record = record
         fit(callback, model)
     assert any("never be refreshed" in message for message in model.messages_at_first_step)
-    assert callback.label_matrix.num_refreshes == 0
+    assert callback.engine.num_refreshes == 0
 
 
 def test_a_refresh_period_within_the_run_does_not_warn():

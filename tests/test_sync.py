@@ -77,9 +77,9 @@ def test_no_host_sync_per_batch_on_cuda(preset, soft_targets, top_k, compile_los
     trainer = L.Trainer(**trainer_kwargs(accelerator="cuda", max_steps=50, deterministic=False, callbacks=[adalabel]))
     trainer.fit(model, make_loader(num_samples=50 * 16, num_classes=K, batch_size=16))
     assert trainer.global_step == 50
-    assert adalabel.label_matrix.device.type == "cuda"
-    assert adalabel.label_matrix.num_refreshes == 1
-    assert torch.isfinite(adalabel.label_matrix.to_dense() if top_k else adalabel.label_matrix.matrix).all()
+    assert adalabel.engine.device.type == "cuda"
+    assert adalabel.engine.num_refreshes == 1
+    assert torch.isfinite(adalabel.engine.to_dense() if top_k else adalabel.engine.matrix).all()
 
 
 # ---- meta tensors: the per-batch calls can run without ever reading a value --------------------------------------
@@ -99,7 +99,7 @@ def test_per_batch_path_never_reads_a_tensor_value(preset):
         model.adalabel_loss(logits, torch.randint(0, K, (8,), device="meta")).backward()
         adalabel.on_train_batch_end(trainer, model, None, None, batch_idx)
     assert logits.grad is not None and logits.grad.device.type == "meta"
-    assert adalabel.label_matrix.device.type == "meta"
+    assert adalabel.engine.device.type == "meta"
 
 
 @pytest.mark.parametrize("samples", ["misclassified", "all", "correct"])

@@ -6,11 +6,8 @@ from typing import Any, List, Tuple
 import pytest
 import torch
 
-from lightning_adalabel import (
-    initial_label_matrix,
-    plot_label_matrix,
-    top_correlated_pairs,
-)
+from lightning_adalabel import plot_label_matrix, top_correlated_pairs
+from lightning_adalabel.label_matrix import initial_label_matrix
 from lightning_adalabel.visualization import COLORBAR_LABEL, DIAGONAL_GID
 from tests.helpers import learned_matrix
 

@@ -68,13 +68,13 @@ class RecordingAdaLabel(AdaLabel):
         self._batch_idx = batch_idx
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not self.wrapped_module:
-            self.wrapped_module = describe_wrapped_module(trainer, self.label_matrix)
+            self.wrapped_module = describe_wrapped_module(trainer, self.engine)
 
     def _refresh(self, trainer, pl_module, on_step) -> None:  # type: ignore[override]
         shapes = getattr(trainer.strategy, "reduced_shapes", [])
         before = len(shapes)
-        local = self.label_matrix.accumulator.clone()
-        seen = self.label_matrix.seen.sum().clone()
+        local = self.engine.accumulator.clone()
+        seen = self.engine.seen.sum().clone()
         super()._refresh(trainer, pl_module, on_step)
         self.refreshes.append(
             dict(
@@ -82,7 +82,7 @@ class RecordingAdaLabel(AdaLabel):
                 batch_idx=self._batch_idx,
                 local_accumulator=local,
                 local_seen=seen,
-                matrix=self.label_matrix.matrix.clone(),
+                matrix=self.engine.matrix.clone(),
                 reduced_shapes=shapes[before:],
             )
         )
@@ -141,7 +141,7 @@ def run_config(name: str, devices: int) -> Dict[str, Any]:
         refreshes=callback.refreshes,
         reduced_shapes=list(shapes),
         wrapped_module=callback.wrapped_module,
-        matrix=callback.label_matrix.matrix.clone(),
+        matrix=callback.engine.matrix.clone(),
         weight=model.net.weight.detach().clone(),
     )
 

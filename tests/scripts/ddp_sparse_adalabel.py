@@ -58,14 +58,14 @@ class RecordingAdaLabel(AdaLabel):
         self.refreshes: List[Dict[str, Any]] = []
 
     def _refresh(self, trainer, pl_module, on_step) -> None:  # type: ignore[override]
-        local = self.label_matrix.state_dict()
+        local = self.engine.state_dict()
         super()._refresh(trainer, pl_module, on_step)
         self.refreshes.append(dict(
             global_step=trainer.global_step,
             local_tallies=local["tallies"].clone(),
             local_uniform_sums=local["uniform_sums"].clone(),
-            matrix=self.label_matrix.to_dense(),
-            indices=self.label_matrix.indices.clone(),
+            matrix=self.engine.to_dense(),
+            indices=self.engine.indices.clone(),
         ))
 
 
@@ -85,7 +85,7 @@ def run_config(name: str, devices: int) -> Dict[str, Any]:
         refreshes=callback.refreshes,
         gathered_shapes=list(getattr(trainer.strategy, "gathered_shapes", [])),
         reduced_shapes=list(getattr(trainer.strategy, "reduced_shapes", [])),
-        matrix=callback.label_matrix.to_dense(),
+        matrix=callback.engine.to_dense(),
         weight=model.net.weight.detach().clone(),
     )
 
