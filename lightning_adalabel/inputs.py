@@ -88,6 +88,12 @@ def _tensor_validation(logits: Tensor, target: Tensor, num_classes: Optional[int
             " you resume from agree."
         )
     if target.is_floating_point():
+        if tuple(target.shape) == shape[:1] + shape[2:]:  # the class-index layout, in a float dtype
+            raise ValueError(
+                f"Targets of shape {tuple(target.shape)} and dtype {target.dtype} look like class indices: those must be"
+                " int64 (torch.long) or uint8, as in F.cross_entropy. Use `target.long()`. (Float targets are class"
+                f" probabilities, of the logits' shape {shape}.)"
+            )
         if tuple(target.shape) != shape:
             raise ValueError(f"Probability targets must have the logits' shape {shape}, got {tuple(target.shape)}.")
         return

@@ -103,6 +103,8 @@ def test_uint8_targets_as_many_as_classes_are_indices_not_a_mask():
         (torch.zeros(2, 7, K), torch.zeros(2, 7, dtype=torch.long), r"classes must be on dim 1.*movedim\(-1, 1\)"),
         (torch.zeros(4, K), torch.zeros(4, dtype=torch.int32), r"int64 \(torch.long\) or uint8.*target.long\(\)"),
         (torch.zeros(4, K), torch.zeros(4, dtype=torch.bool), r"int64 \(torch.long\) or uint8"),
+        (torch.zeros(4, K), torch.zeros(4), r"look like class indices: .*int64 \(torch.long\) or uint8.*target.long\(\)"),
+        (torch.zeros(4, K, 3), torch.zeros(4, 3, dtype=torch.float16), r"dtype torch.float16 look like class indices"),
         (torch.zeros(K), torch.tensor(1), r"add the batch dimension"),
         (torch.zeros(4, K, 3), torch.zeros(4, 2, dtype=torch.long), r"must have shape \(4, 3\)"),
     ],
