@@ -350,7 +350,7 @@ class AdaLabel(pl.Callback):
         # the refresh: do it before the next epoch's first loss, as an uninterrupted run would have. The test is the
         # batch index, not the epoch number: a job resumed in mid-epoch may carry on under the next epoch's number.
         if self._statistics_epoch is not None and batch_idx == 0:
-            self._refresh(trainer, pl_module, on_step=False)
+            self._refresh(trainer, pl_module)
         # Only the losses of a training step are added, at its end: not those of a step that never ended, nor those
         # computed while this callback's hooks were off (the tuner's trial steps).
         self._pending = []
@@ -378,7 +378,7 @@ class AdaLabel(pl.Callback):
             # multiple of N, not whether it equals one.
             every = self.refresh_every_n_steps
             if trainer.global_step // every > self._last_refresh_step // every:
-                self._refresh(trainer, pl_module, on_step=True)
+                self._refresh(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -386,7 +386,7 @@ class AdaLabel(pl.Callback):
         # cut short is not over: its statistics wait (and are checkpointed) for its real end, so that a job resumed
         # from here refreshes where the uninterrupted run does.
         if self.refresh_every_n_steps is None and _ran_to_the_end_of_its_data(trainer):
-            self._refresh(trainer, pl_module, on_step=False)
+            self._refresh(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -413,7 +413,7 @@ class AdaLabel(pl.Callback):
         if spawned and stage == "fit" and trainer.global_rank == 0 and self._engine is not None:
             self._hand_over.leave(self.state_dict())
 
-    def _refresh(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", on_step: bool) -> None:
+    def _refresh(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._last_refresh_step = trainer.global_step
         self._statistics_epoch = None
         engine = self._engine
@@ -433,13 +433,15 @@ class AdaLabel(pl.Callback):
             ))
         if summary[4] == 0 and not self._loss_seen_in_training:  # the engine may come from validation alone
             raise RuntimeError(self._no_adalabel_loss_message(pl_module))
-        # Python floats: the values are already identical on every rank, so Lightning needs no sync_dist for them.
-        pl_module.log_dict(
-            {"adalabel/entropy": summary[0], "adalabel/counted_fraction": summary[1], "adalabel/nonfinite": summary[2]},
-            on_step=on_step,
-            on_epoch=not on_step,
-            batch_size=1,
-        )
+        metrics = {"adalabel/entropy": summary[0], "adalabel/counted_fraction": summary[1],
+                   "adalabel/nonfinite": summary[2]}
+        # Once per refresh, at the step the heatmap files are named after: through self.log, a value logged in a
+        # hook would be logged again at every step until the epoch ends, and a CSV could not tell when Q changed.
+        # The values are identical on every rank; the loggers write from global rank 0. callback_metrics makes them
+        # visible to ModelCheckpoint/EarlyStopping monitors and to the progress bar's trainer.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in metrics.items()})
         if self.log_label_matrix:  # heatmap and top class pairs of the new Q, written by global rank 0 only
             log_heatmap_and_pairs(trainer, engine, self.class_names, self.top_pairs)
         if summary[2] > 0:

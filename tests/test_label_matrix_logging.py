@@ -7,6 +7,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -14,7 +15,7 @@ from lightning_adalabel import AdaLabel, top_correlated_pairs
 from lightning_adalabel.label_matrix import initial_label_matrix
 from lightning_adalabel.label_matrix import LabelMatrix
 from lightning_adalabel.label_matrix_logging import label_matrix_dir, log_heatmap_and_pairs
-from tests.helpers import fit, make_loader
+from tests.helpers import TinyClassifier, fit, make_loader, trainer_kwargs
 
 NUM_CLASSES = 5
 NAMES = ["ant", "bee", "cat", "dog", "eel"]
@@ -136,3 +137,20 @@ def test_mlflow_gets_the_heatmap_and_the_pairs_as_artifacts(tmp_path, monkeypatc
     assert rows[0] == ["target_class", "soft_label_class", "q"]
     assert [row[:2] for row in rows[1:]] == [[row, column] for row, column, _ in expected]
     assert not os.path.exists(label_matrix_dir(trainer))
+
+
+@pytest.mark.parametrize("every, refresh_steps", [(None, [8, 16]), (3, [3, 6, 9, 12, 15])])
+def test_the_scalars_are_logged_once_per_refresh_at_the_heatmaps_step(tmp_path, every, refresh_steps):
+    """A CSV of the run says when Q changed: one row per refresh, at the step the heatmap file is named after."""
+    logger = CSVLogger(tmp_path)
+    trainer = L.Trainer(**trainer_kwargs(
+        callbacks=[AdaLabel(refresh_every_n_steps=every, log_label_matrix=True)], max_epochs=2, logger=logger,
+        log_every_n_steps=1,
+    ))
+    trainer.fit(TinyClassifier(), make_loader())
+    rows = list(csv.DictReader(open(os.path.join(logger.log_dir, "metrics.csv"))))
+    logged = [int(row["step"]) for row in rows if row.get("adalabel/entropy")]
+    heatmaps = sorted(int(name[len("step_"):-len(".png")])
+                      for name in os.listdir(os.path.join(logger.log_dir, "label_matrix")) if name.endswith(".png"))
+    assert logged == heatmaps == refresh_steps
+    assert float(trainer.callback_metrics["adalabel/nonfinite"]) == 0.0

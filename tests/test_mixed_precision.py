@@ -198,9 +198,9 @@ class NonFiniteRecorder(AdaLabel):
         super().__init__(**kwargs)
         self.nonfinite_at_refresh: List[torch.Tensor] = []
 
-    def _refresh(self, trainer, pl_module, on_step) -> None:  # type: ignore[override]
+    def _refresh(self, trainer, pl_module) -> None:  # type: ignore[override]
         self.nonfinite_at_refresh.append(self.engine.nonfinite.clone())
-        super()._refresh(trainer, pl_module, on_step)
+        super()._refresh(trainer, pl_module)
 
 
 def test_nonfinite_logits_are_counted_logged_and_warned_at_refresh():

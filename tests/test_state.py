@@ -181,9 +181,9 @@ class RecordingAdaLabel(AdaLabel):
         self.start_matrices.append(None if engine is None else engine.matrix.clone())
         self.start_accumulators.append(None if engine is None else engine.accumulator.clone())
 
-    def _refresh(self, trainer, pl_module, on_step):
+    def _refresh(self, trainer, pl_module):
         self.refreshes.append((trainer.global_step, float(self.engine.seen.sum())))
-        super()._refresh(trainer, pl_module, on_step)
+        super()._refresh(trainer, pl_module)
 
 
 def eight_batches_of_eight():
