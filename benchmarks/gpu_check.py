@@ -19,7 +19,7 @@ The steps, each a row (or a few) of the table with pass/fail and its figure:
 
 Usage::
 
-    python benchmarks/gpu_check.py --device cuda            # about 8 minutes on one H100
+    python benchmarks/gpu_check.py --device cuda            # sized for 8 minutes on one H100 (not run yet)
     python benchmarks/gpu_check.py --device cpu             # the same steps at small sizes, a minute or two
     python benchmarks/gpu_check.py --device cuda --dry-run  # what each step would run, without running it
 

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_adalabel import AdaLabel, AdaLabelMixin, LabelMatrix
+from lightning_adalabel import AdaLabel, AdaLabelMixin
+from lightning_adalabel.label_matrix import LabelMatrix
 from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 
 
