@@ -126,3 +126,15 @@ def test_the_callbacks_preset_choices_are_the_presets():
     from lightning_adalabel.callback import PresetName
 
     assert get_args(PresetName) == tuple(PRESETS)
+
+
+def test_the_alr_default_is_the_setting_the_selection_rule_chose():
+    """docs/benchmarks.md ("Choosing the alr default"): by the rule written before the 10-seed runs, no candidate
+    with a count-aware refresh was eligible (each loses digits flip-40 by more than one paired standard error), so
+    the default stays as it was. A change here must come with a new run of benchmarks/default_selection.py."""
+    from lightning_adalabel import Preset
+
+    chosen = Preset(samples="misclassified", estimator="mean", momentum=1.0, include_diagonal=False, loss="decoupled",
+                    alpha=1.0, prior="uniform", prior_strength=0.0, start="uniform", empty_rows="keep")
+    assert PRESETS["alr"] == chosen
+    assert AdaLabel().preset == chosen and AdaLabel().preset_name == "alr"
