@@ -19,7 +19,7 @@ STEP_ROWS = {  # each step and the start of the rows it writes
 }
 
 
-def gpu_check(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def gpu_check(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
 
