@@ -70,12 +70,12 @@ class RecordingAdaLabel(AdaLabel):
         if not self.wrapped_module:
             self.wrapped_module = describe_wrapped_module(trainer, self.engine)
 
-    def _refresh(self, trainer, pl_module, on_step) -> None:  # type: ignore[override]
+    def _refresh(self, trainer, pl_module) -> None:  # type: ignore[override]
         shapes = getattr(trainer.strategy, "reduced_shapes", [])
         before = len(shapes)
         local = self.engine.accumulator.clone()
         seen = self.engine.seen.sum().clone()
-        super()._refresh(trainer, pl_module, on_step)
+        super()._refresh(trainer, pl_module)
         self.refreshes.append(
             dict(
                 global_step=trainer.global_step,

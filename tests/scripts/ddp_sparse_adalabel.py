@@ -57,9 +57,9 @@ class RecordingAdaLabel(AdaLabel):
         super().__init__(**kwargs)
         self.refreshes: List[Dict[str, Any]] = []
 
-    def _refresh(self, trainer, pl_module, on_step) -> None:  # type: ignore[override]
+    def _refresh(self, trainer, pl_module) -> None:  # type: ignore[override]
         local = self.engine.state_dict()
-        super()._refresh(trainer, pl_module, on_step)
+        super()._refresh(trainer, pl_module)
         self.refreshes.append(dict(
             global_step=trainer.global_step,
             local_tallies=local["tallies"].clone(),
