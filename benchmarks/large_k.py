@@ -37,6 +37,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from multiprocessing import get_context
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -147,9 +148,9 @@ class TimedAdaLabel(AdaLabel):
         super().__init__(**kwargs)
         self.refresh_ms: List[float] = []
 
-    def _refresh(self, trainer, pl_module, on_step) -> None:  # type: ignore[override]
+    def _refresh(self, *args: Any, **kwargs: Any) -> None:  # whatever the callback passes its own refresh
         start = time.perf_counter()
-        super()._refresh(trainer, pl_module, on_step)
+        super()._refresh(*args, **kwargs)
         self.refresh_ms.append(1000 * (time.perf_counter() - start))
 
 
@@ -193,17 +194,23 @@ def peak_rss_gb() -> float:
 
 
 def _child(queue: Any, method: str, top_k: Optional[int], args: argparse.Namespace, num_classes: int) -> None:
-    queue.put(run_method(method, top_k, args, num_classes))
+    try:
+        queue.put(run_method(method, top_k, args, num_classes))
+    except BaseException:  # the parent waits on the queue: hand it the error instead of leaving it waiting
+        queue.put({"error": traceback.format_exc()})
+        raise
 
 
 def in_process(method: str, top_k: Optional[int], args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
-    """:func:`run_method` in a fresh process, so that its peak memory is its own."""
+    """:func:`run_method` in a fresh process, so that its peak memory is its own; its error, if it fails."""
     context = get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, method, top_k, args, num_classes))
     process.start()
     result = queue.get()
     process.join()
+    if "error" in result:
+        raise RuntimeError(f"{method} at K={num_classes} failed in its process:\n{result['error']}")
     return result
 
 
