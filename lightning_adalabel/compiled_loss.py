@@ -32,6 +32,8 @@ def compiled(function: Callable[..., Any]) -> Callable[..., Any]:
             return compiled_function(*args)
         except torch._dynamo.exc.BackendCompilerFailed as error:  # no C++ compiler (CPU) or Triton (GPU), ...
             raise RuntimeError(_cannot_compile(error)) from error
+        except torch._dynamo.exc.Unsupported as error:  # an older Dynamo (torch 2.8) cannot trace the loss whole
+            raise RuntimeError(_cannot_trace(error)) from error
 
     return run
 
@@ -41,5 +43,14 @@ def _cannot_compile(error: BaseException) -> str:
     return (
         f"AdaLabel(compile_loss=True) could not torch.compile the loss on this machine: {first_line}. torch.compile"
         " needs a C++ compiler for the CPU (e.g. g++) and Triton for a GPU; install them, or use compile_loss=False"
+        " (the eager loss: same values, no compiler)."
+    )
+
+
+def _cannot_trace(error: BaseException) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (
+        f"AdaLabel(compile_loss=True): torch {torch.__version__}'s torch.compile cannot trace the loss as one graph"
+        f" ({first_line}). compile_loss=True is tested with torch 2.14; upgrade torch, or use compile_loss=False"
         " (the eager loss: same values, no compiler)."
     )

@@ -9,6 +9,7 @@ import torch
 
 from lightning_adalabel import AdaLabel
 from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
+from lightning_adalabel.compiled_loss import compiled
 from lightning_adalabel.inputs import _format
 from lightning_adalabel.label_matrix import _empty_buffer, _label_matrix_update
 from lightning_adalabel.losses import decoupled_loss, mixed_loss, soft_label_loss
@@ -172,6 +173,17 @@ def test_a_machine_that_cannot_compile_gets_an_error_naming_the_fix(tmp_path, mo
     with torch._inductor.config.patch({"cpp.cxx": (str(tmp_path / "no-such-compiler"),), "fx_graph_cache": False}):
         with pytest.raises(RuntimeError, match=r"could not torch.compile the loss .* use compile_loss=False"):
             matrix.loss(logits, torch.tensor([0, 1, 2]))
+    torch._dynamo.reset()
+
+
+def test_a_torch_that_cannot_trace_the_loss_gets_an_error_naming_the_fix():
+    # torch 2.8's Dynamo cannot trace the loss whole; a graph break inside the compiled function is the same failure.
+    def breaks(logits: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return logits.logsumexp(dim=1)
+
+    with pytest.raises(RuntimeError, match=r"cannot trace the loss as one graph .* upgrade torch, or use compile_loss=F"):
+        compiled(breaks)(torch.randn(3, 7))
     torch._dynamo.reset()
 
 
