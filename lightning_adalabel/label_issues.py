@@ -1,0 +1,372 @@
+"""``find_label_issues``: rank every training sample by how likely its label is wrong, from one trained model.
+
+A model trained with ALR memorises flipped labels much less than one trained with plain cross-entropy, so its own
+probability of each training sample's *given* label, ``p(y_given | x)`` on the training set, ranks the wrong labels
+well (docs/benchmarks.md, "Finding the wrong labels"). This module runs that pass through Lightning's predict loop,
+so that DDP, precision and devices come from the Trainer:
+
+- per batch, on the device and without a host sync, each position's score (the probability of its given label), its
+  most probable class and its validity (torch's cross-entropy layouts and ``ignore_index``, as in the loss);
+- at the end, one gather across processes; then the cut-off (:data:`CUT_OFFS`) and the ranking, the same on every
+  rank.
+
+Host memory is ``O(N)`` (a few numbers per sample); the ``N x K`` probabilities are kept only on request
+(``keep_probabilities=True``, or ``cut_off="cleanlab"``, which needs them).
+"""
+
+import csv
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
+
+from lightning_adalabel.inputs import _format, _tensor_validation, invalid_targets_message
+from lightning_adalabel.module import AdaLabelMixin
+from lightning_adalabel.validation import check_bool, check_choice
+
+#: How :func:`find_label_issues` decides which samples to flag.
+#:
+#: - ``"per_class"`` (default): in each given class k, the ``e_k n_k`` lowest-scored samples, where ``e_k`` is the
+#:   fraction of the ``n_k`` samples labelled k that the model does not predict as k (the error rate that ALR's
+#:   ``samples="misclassified"`` statistics count). The numbers are in docs/benchmarks.md.
+#: - ``"cleanlab"``: ``cleanlab.filter.find_label_issues(labels, probabilities)``, cleanlab's default rule, on this
+#:   model's probabilities (the optional extra ``lightning-adalabel[cleanlab]``).
+#: - ``"none"``: flag nothing; use the ranking alone.
+CUT_OFFS = ("per_class", "cleanlab", "none")
+
+# Per position: dataset index, position in the sample, given label, most probable class, suggested label, flag.
+_COLUMNS = ("index", "position", "given", "predicted", "suggested")
+
+
+@dataclass
+class LabelIssues:
+    """What :func:`find_label_issues` found: one entry per labelled position, in the data set's order (by
+    ``index``, then ``position``). All tensors are on the CPU."""
+
+    index: Tensor
+    """``(M,)`` int64: the sample's index in the data set (its position in an unshuffled loader)."""
+    position: Tensor
+    """``(M,)`` int64: the position inside the sample for token layouts (targets ``(N, d1, ...)``, flattened);
+    0 for ``(N,)`` targets. Positions equal to ``ignore_index`` are left out."""
+    given: Tensor
+    """``(M,)`` int64: the label the data set gives."""
+    score: Tensor
+    """``(M,)`` float32: the model's probability of the given label; low means likely wrong."""
+    predicted: Tensor
+    """``(M,)`` int64: the model's most probable class."""
+    suggested: Tensor
+    """``(M,)`` int64: the label to check first: the most probable class other than the given one."""
+    is_issue: Tensor
+    """``(M,)`` bool: flagged by the cut-off."""
+    ranking: Tensor
+    """``(M,)`` int64: every entry, most likely wrong first (ascending score)."""
+    cut_off: str
+    """The rule that set :attr:`is_issue` (:data:`CUT_OFFS`)."""
+    probabilities: Optional[Tensor] = None
+    """``(M, K)`` float32 class probabilities, kept only with ``keep_probabilities=True`` (or the cleanlab cut-off)."""
+
+    @property
+    def issues(self) -> Tensor:
+        """The flagged entries, most likely wrong first: indices into this object's tensors."""
+        return self.ranking[self.is_issue[self.ranking]]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def rows(self, only_issues: bool = False) -> List[Dict[str, Any]]:
+        """Entries as dicts (``index``, ``position``, ``given``, ``suggested``, ``score``, ``is_issue``), most likely
+        wrong first."""
+        order = self.issues if only_issues else self.ranking
+        columns = {name: getattr(self, name)[order].tolist() for name in ("index", "position", "given", "suggested",
+                                                                         "score", "is_issue")}
+        return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+    def to_csv(self, path: Union[str, "os.PathLike[str]"], only_issues: bool = False,
+               class_names: Optional[Sequence[str]] = None) -> int:
+        """Write :meth:`rows` to ``path`` as CSV, most likely wrong first; returns the number of rows written.
+        ``position`` is written only for token layouts; with ``class_names`` labels are written as names."""
+        rows = self.rows(only_issues)
+        tokens = bool(len(self.position)) and bool(self.position.max() > 0)
+        fields = ["index", *(["position"] if tokens else []), "given", "suggested", "score", "is_issue"]
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(fields)
+            for row in rows:
+                if class_names is not None:
+                    row["given"], row["suggested"] = class_names[row["given"]], class_names[row["suggested"]]
+                row["score"] = f"{row['score']:.6g}"
+                row["is_issue"] = int(row["is_issue"])
+                writer.writerow([row[field] for field in fields])
+        return len(rows)
+
+
+LogitsAndTarget = Callable[[pl.LightningModule, Any], Tuple[Tensor, Tensor]]
+
+
+def inputs_and_target(module: pl.LightningModule, batch: Any) -> Tuple[Tensor, Tensor]:
+    """The default ``logits_and_target``: ``(module(inputs), target)`` of an ``(inputs, target, ...)`` batch, the
+    layout of :meth:`AdaLabelMixin.training_step`; or of a mapping with ``"labels"`` (Hugging Face), whose other
+    entries go to the module as keyword arguments."""
+    if isinstance(batch, Mapping) and "labels" in batch:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        return module(**inputs), batch["labels"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return module(batch[0]), batch[1]
+    kind = type(batch).__name__ + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise ValueError(
+        f"find_label_issues needs the given labels, but the loader's batches are a {kind} without a label tensor."
+        " Pass a loader over the training data with its labels ((inputs, labels) batches, or a mapping with"
+        " 'labels'), or `logits_and_target=` a function (module, batch) -> (logits, labels)."
+    )
+
+
+def find_label_issues(
+    model: pl.LightningModule,
+    dataloader: DataLoader,
+    trainer: Optional[pl.Trainer] = None,
+    *,
+    cut_off: str = "per_class",
+    keep_probabilities: bool = False,
+    logits_and_target: LogitsAndTarget = inputs_and_target,
+    ignore_index: Optional[int] = None,
+    ckpt_path: Optional[str] = None,
+    **trainer_kwargs: Any,
+) -> LabelIssues:
+    """Rank every labelled sample of ``dataloader`` by how likely its label is wrong, from the trained ``model``.
+
+    Args:
+        model: a trained :class:`~lightning_adalabel.AdaLabelMixin` module (trained with ALR: its probabilities
+            rank the wrong labels far better than those of a model trained with plain cross-entropy).
+        dataloader: an *unshuffled* loader over the training data with its labels. Under DDP Lightning shards it.
+        trainer: the Trainer whose predict loop runs the model (devices, strategy, precision); ``None`` builds one
+            from ``trainer_kwargs`` (default: no logger, no progress bar).
+        cut_off: which samples to flag, see :data:`CUT_OFFS`.
+        keep_probabilities: also return the ``M x K`` probabilities (``O(N K)`` host memory).
+        logits_and_target: ``(module, batch) -> (logits, target)``; the default reads ``(inputs, target)`` batches
+            (:func:`inputs_and_target`). Logits and targets follow ``F.cross_entropy``'s layouts; targets must be
+            class indices.
+        ignore_index: targets equal to it are not samples; default: the AdaLabel callback's (else -100).
+        ckpt_path: a checkpoint to load into ``model`` first, as ``trainer.predict(ckpt_path=...)`` does.
+
+    Returns:
+        :class:`LabelIssues`, the same on every process.
+
+    Example::
+
+        trainer.fit(model, train_loader)  # model: an AdaLabelMixin module, trainer with AdaLabel()
+        found = find_label_issues(model, DataLoader(train_set, batch_size=256), trainer)
+        found.to_csv("label_issues.csv", only_issues=True)
+    """
+    if not isinstance(model, AdaLabelMixin) or not isinstance(model, pl.LightningModule):
+        raise TypeError(
+            f"find_label_issues needs a LightningModule that inherits AdaLabelMixin, trained with AdaLabel;"
+            f" {type(model).__name__} does not. Declare `class {type(model).__name__}(AdaLabelMixin, LightningModule)`"
+            " and train it with `self.adalabel_loss(logits, y)` and the AdaLabel callback."
+        )
+    check_choice("cut_off", cut_off, CUT_OFFS)
+    check_bool("keep_probabilities", keep_probabilities)
+    _check_loader(dataloader)
+    if cut_off == "cleanlab":
+        _import_cleanlab()  # before the pass, not after it
+    callback = model._adalabel_callback
+    if ignore_index is None:
+        ignore_index = getattr(callback, "ignore_index", -100)
+    collector = _Collector(keep_probabilities or cut_off == "cleanlab")
+    if trainer is None:
+        defaults = dict(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+        trainer = pl.Trainer(**{**defaults, **trainer_kwargs})
+    elif trainer_kwargs:
+        raise ValueError(f"Pass either a `trainer` or Trainer settings, not both (got {sorted(trainer_kwargs)}).")
+
+    def predict_step(batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
+        return _positions(*logits_and_target(model, batch), ignore_index)
+
+    # The pass runs the module's own hooks (device transfer, eval mode, precision) with this step in place of the
+    # module's predict_step, which usually returns predictions rather than logits and labels.
+    model.predict_step = predict_step  # type: ignore[method-assign]
+    trainer.callbacks.append(collector)
+    try:
+        trainer.predict(model, dataloaders=dataloader, return_predictions=False, ckpt_path=ckpt_path)
+    finally:
+        trainer.callbacks.remove(collector)
+        del model.predict_step
+    found = collector.result
+    if found is None:
+        raise ValueError("find_label_issues saw no batch: the loader is empty (or limit_predict_batches is 0).")
+    num_invalid = int(found.pop("invalid").sum())
+    if num_invalid:
+        raise ValueError(invalid_targets_message(num_invalid, None, False, int(found.pop("num_classes")), ignore_index))
+    return _label_issues(found, cut_off)
+
+
+def _check_loader(dataloader: Any) -> None:
+    if not isinstance(dataloader, DataLoader):
+        raise TypeError(
+            f"find_label_issues takes a torch DataLoader over the training data, got {type(dataloader).__name__}."
+            " Pass e.g. `DataLoader(train_set, batch_size=256)` (unshuffled)."
+        )
+    sampler = dataloader.batch_sampler.sampler if dataloader.batch_sampler is not None else dataloader.sampler
+    if isinstance(sampler, RandomSampler):
+        raise ValueError(
+            "find_label_issues got a shuffled DataLoader (its sampler is a RandomSampler): a label issue is reported"
+            " by the sample's index in the data set, which a shuffled loader does not keep. Build the loader with"
+            " `shuffle=False` (and without random augmentation), e.g. `DataLoader(train_set, batch_size=256)`."
+        )
+
+
+def _import_cleanlab() -> Any:
+    try:
+        import cleanlab.filter
+    except ImportError as error:
+        raise ImportError(
+            "cut_off='cleanlab' needs cleanlab: `pip install \"lightning-adalabel[cleanlab]\"` (or use the default"
+            " cut_off='per_class')."
+        ) from error
+    return cleanlab.filter
+
+
+def _positions(logits: Tensor, target: Tensor, ignore_index: int) -> Dict[str, Tensor]:
+    """One batch's per-position results, on the device, without a host sync."""
+    _tensor_validation(logits, target)
+    if target.is_floating_point():
+        raise ValueError(
+            "find_label_issues needs the given labels as class indices; the batch has probability targets (MixUp,"
+            " CutMix or smoothed labels). Pass a loader over the training data without those transforms."
+        )
+    batch = _format(logits.detach().float(), target.detach(), ignore_index)
+    probabilities = batch.logits.softmax(dim=1)
+    score = probabilities.gather(1, batch.target[:, None]).squeeze(1)
+    # The suggestion is the most probable class other than the given one (the given one's probability is the score).
+    others = probabilities.scatter(1, batch.target[:, None], -1.0)
+    return {"given": batch.target, "score": score, "predicted": probabilities.argmax(dim=1),
+            "suggested": others.argmax(dim=1), "valid": batch.valid, "invalid": batch.invalid,
+            "probabilities": probabilities}
+
+
+class _Collector(BasePredictionWriter):
+    """Keeps each batch's per-position results on the device (no host sync), with the dataset indices that the
+    predict loop reports, and gathers them across processes at the end of the pass."""
+
+    def __init__(self, keep_probabilities: bool) -> None:
+        super().__init__(write_interval="batch")
+        self.keep_probabilities = keep_probabilities
+        self.parts: Dict[str, List[Tensor]] = {}
+        self.result: Optional[Dict[str, Tensor]] = None
+
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.parts, self.result = {}, None
+
+    def write_on_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", prediction: Dict[str, Tensor],
+        batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int, dataloader_idx: int,
+    ) -> None:
+        if batch_indices is None:
+            raise ValueError("find_label_issues could not tell which samples a batch holds: pass a torch DataLoader.")
+        device = prediction["score"].device
+        samples = len(batch_indices)
+        per_sample = len(prediction["score"]) // samples  # positions per sample (token layouts), from shapes alone
+        index = torch.as_tensor(list(batch_indices), dtype=torch.long).to(device, non_blocking=True)
+        columns = dict(prediction, index=index.repeat_interleave(per_sample),
+                       position=torch.arange(per_sample, device=device).repeat(samples))
+        if not self.keep_probabilities:
+            columns.pop("probabilities")
+        columns["num_classes"] = torch.tensor([prediction["probabilities"].shape[1]], device=device)
+        for name, value in columns.items():
+            self.parts.setdefault(name, []).append(value)
+
+    def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Every process must enter the gathers, also one that saw no batch.
+        local = {name: torch.cat(values) for name, values in self.parts.items()}
+        if local:
+            local["invalid"] = local["invalid"].sum()[None]
+        gathered = _gather(trainer.strategy, local, pl_module.device)
+        if gathered is None:
+            return
+        invalid = gathered.pop("invalid")
+        valid = gathered.pop("valid")
+        num_classes = gathered.pop("num_classes")
+        result = {name: value[valid] for name, value in gathered.items()}
+        # One entry per (index, position), in the data set's order; a sampler that pads (DistributedSampler) repeats
+        # a few samples: keep one of each.
+        positions = int(result["position"].max()) + 1 if len(result["position"]) else 1
+        key = result["index"] * positions + result["position"]
+        key, order = torch.sort(key, stable=True)
+        keep = torch.ones_like(key, dtype=torch.bool)
+        keep[1:] = key[1:] != key[:-1]
+        self.result = {name: value[order][keep] for name, value in result.items()}
+        self.result["invalid"], self.result["num_classes"] = invalid, num_classes.max()
+
+
+def _gather(strategy: Any, local: Dict[str, Tensor], device: torch.device) -> Optional[Dict[str, Tensor]]:
+    """Every process's entries, concatenated on the CPU (one host read of the lengths, then one all-gather per
+    column; ranks with no batch take part with empty columns)."""
+    length = len(local["score"]) if local.get("score") is not None else 0
+    if strategy.world_size == 1:
+        return None if not length else {name: value.cpu() for name, value in local.items()}
+    lengths = strategy.all_gather(torch.tensor([length], device=device)).reshape(-1).tolist()
+    if not max(lengths):
+        return None
+    if not min(lengths):
+        raise ValueError(
+            f"find_label_issues: a process received no sample (samples per process: {lengths}): the loader has fewer"
+            " batches than processes. Run it on fewer devices."
+        )
+    gathered: Dict[str, Tensor] = {}
+    for name, value in local.items():
+        if name in ("invalid", "num_classes"):
+            gathered[name] = strategy.all_gather(value).reshape(-1).cpu()
+            continue
+        # gloo gathers no bool tensors: flags travel as bytes.
+        padded = torch.zeros((max(lengths), *value.shape[1:]), dtype=torch.uint8 if value.dtype == torch.bool
+                             else value.dtype, device=device)
+        padded[:length] = value
+        every = strategy.all_gather(padded).cpu().to(value.dtype)
+        gathered[name] = torch.cat([every[rank, :count] for rank, count in enumerate(lengths)])
+    return gathered
+
+
+def _label_issues(found: Dict[str, Tensor], cut_off: str) -> LabelIssues:
+    score = found["score"]
+    ranking = torch.sort(score, stable=True).indices
+    if cut_off == "per_class":
+        is_issue = per_class_cut_off(score, found["given"], found["predicted"])
+    elif cut_off == "cleanlab":
+        flags = _import_cleanlab().find_label_issues(found["given"].numpy(), found["probabilities"].double().numpy())
+        is_issue = torch.as_tensor(flags, dtype=torch.bool)
+    else:
+        is_issue = torch.zeros_like(score, dtype=torch.bool)
+    return LabelIssues(
+        index=found["index"], position=found["position"], given=found["given"], score=score,
+        predicted=found["predicted"], suggested=found["suggested"], is_issue=is_issue, ranking=ranking,
+        cut_off=cut_off, probabilities=found.get("probabilities"),
+    )
+
+
+def per_class_cut_off(score: Tensor, given: Tensor, predicted: Tensor) -> Tensor:
+    """Flag, in each given class k, the lowest-scored ``e_k n_k`` of its ``n_k`` samples, ``e_k`` the fraction that the
+    model does not predict as k.
+
+    Example:
+        >>> score = torch.tensor([0.9, 0.2, 0.6, 0.1, 0.8])
+        >>> given, predicted = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 1, 0, 1])
+        >>> per_class_cut_off(score, given, predicted).tolist()  # class 0: 2 of 3 misclassified; class 1: 1 of 2
+        [False, True, True, True, False]
+    """
+    num_classes = int(torch.maximum(given.max(), predicted.max())) + 1 if len(given) else 1
+    misclassified = torch.zeros(num_classes, dtype=torch.long).index_add_(0, given, (predicted != given).long())
+    # Rank of each sample inside its class by score (0: lowest): sort by score, then stably by class.
+    by_score = torch.sort(score, stable=True).indices
+    by_class = by_score[torch.sort(given[by_score], stable=True).indices]
+    class_sizes = torch.bincount(given, minlength=num_classes)
+    class_start = torch.cumsum(class_sizes, 0) - class_sizes
+    rank_in_class = torch.empty_like(given)
+    rank_in_class[by_class] = torch.arange(len(given)) - class_start[given[by_class]]
+    return rank_in_class < misclassified[given]

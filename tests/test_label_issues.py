@@ -1,0 +1,164 @@
+"""``find_label_issues``: the ranking of known flipped labels on the digits, the token layouts and ignore_index, the
+cut-offs, DDP against one process, and the errors for inputs it cannot use. Real Trainers throughout."""
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Tuple
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional.classification import binary_auroc
+
+from lightning_adalabel import AdaLabel, AdaLabelMixin, find_label_issues
+from lightning_adalabel.examples.demo import DigitsCNN, load_digits_split
+from lightning_adalabel.label_issues import LabelIssues
+from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
+from tests.test_ddp import launch_env
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_label_issues.py"
+NOISE, EPOCHS = 0.3, 5
+# Bounds for the fixture's run (digits, 30% of the labels flipped y -> y + 1, ALR, 5 epochs), measured with its
+# settings on seeds 0-4: AUROC 0.949-0.977; the per-class cut-off's precision 0.766-0.876 and recall 0.897-0.957; the
+# suggestion is the clean label for 0.933-0.963 of the flipped samples. Each bound sits below the lowest.
+MIN_AUROC, MIN_PRECISION, MIN_RECALL, MIN_SUGGESTED = 0.93, 0.7, 0.85, 0.9
+
+
+@pytest.fixture(scope="module")
+def digits() -> Tuple[L.Trainer, DigitsCNN, Tensor, Tensor, Tensor]:
+    """An ALR model trained on the digits with 30% of its labels flipped: ``(trainer, model, x, y_given, y_clean)``."""
+    x, given, _, _ = load_digits_split(NOISE, seed=0)
+    clean = load_digits_split()[1]
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(**trainer_kwargs(max_epochs=EPOCHS, callbacks=[AdaLabel()], deterministic=False))
+    model = DigitsCNN()
+    loader = DataLoader(TensorDataset(x, given), batch_size=64, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    trainer.fit(model, loader)
+    return trainer, model, x, given, clean
+
+
+def unshuffled(x: Tensor, y: Tensor, batch_size: int = 250) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def test_one_alr_run_ranks_the_flipped_digits_labels_first(digits):
+    trainer, model, x, given, clean = digits
+    found = find_label_issues(model, unshuffled(x, given), trainer)
+    assert found.index.tolist() == list(range(len(x))) and torch.equal(found.given, given)
+    flipped = given != clean
+    assert binary_auroc(1 - found.score, flipped.long()) > MIN_AUROC
+    precision = flipped[found.is_issue].float().mean()
+    recall = found.is_issue[flipped].float().mean()
+    assert precision > MIN_PRECISION and recall > MIN_RECALL, (precision, recall)
+    assert (found.suggested == clean)[flipped].float().mean() > MIN_SUGGESTED
+    assert (found.suggested != given).all()  # the suggestion is another class: the given one is what is doubted
+    # Ranked: ascending score, flagged entries first within their class; issues are the flagged, in rank order.
+    assert torch.all(found.score[found.ranking].diff() >= 0)
+    assert found.issues.tolist() == [entry for entry in found.ranking.tolist() if found.is_issue[entry]]
+    assert found.probabilities is None  # O(N) unless asked for
+
+
+def test_scores_are_the_models_probabilities_of_the_given_labels(digits, tmp_path):
+    trainer, model, x, given, _ = digits
+    found = find_label_issues(model, unshuffled(x[:100], given[:100], batch_size=32), trainer,
+                              keep_probabilities=True, cut_off="cleanlab")
+    with torch.no_grad():
+        expected = model.eval()(x[:100]).softmax(dim=1)
+    torch.testing.assert_close(found.probabilities, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(found.score, expected.gather(1, given[:100, None]).squeeze(1), rtol=1e-5, atol=1e-6)
+    from cleanlab.filter import find_label_issues as cleanlab_find
+
+    assert found.is_issue.tolist() == cleanlab_find(given[:100].numpy(), expected.double().numpy()).tolist()
+    path = tmp_path / "issues.csv"
+    assert found.to_csv(path, only_issues=True) == int(found.is_issue.sum())
+    lines = path.read_text().splitlines()
+    assert lines[0] == "index,given,suggested,score,is_issue"
+    scores = [float(line.split(",")[3]) for line in lines[1:]]
+    assert scores == sorted(scores)
+
+
+class TokenTagger(AdaLabelMixin, L.LightningModule):
+    """Logits ``(N, K, T)`` for inputs ``(N, T, F)``: the token layout of ``F.cross_entropy``."""
+
+    def __init__(self, features: int = 6, num_classes: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Linear(features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).movedim(-1, 1)
+
+
+def test_token_layouts_give_one_entry_per_labelled_position():
+    torch.manual_seed(0)
+    x, target = torch.randn(10, 7, 6), torch.randint(0, 4, (10, 7))
+    target[:, 5:] = -100  # padding
+    target[3, 0] = -100
+    model = TokenTagger()
+    found = find_label_issues(model, unshuffled(x, target, batch_size=3), L.Trainer(**trainer_kwargs()))
+    labelled = (target != -100).nonzero()
+    assert found.index.tolist() == labelled[:, 0].tolist() and found.position.tolist() == labelled[:, 1].tolist()
+    with torch.no_grad():
+        probabilities = model(x).softmax(dim=1)
+    expected = probabilities[labelled[:, 0], target[labelled[:, 0], labelled[:, 1]], labelled[:, 1]]
+    torch.testing.assert_close(found.score, expected)
+
+
+def test_precision_comes_from_the_trainer():
+    model, loader = TinyClassifier(), make_loader(num_samples=40)
+    full = find_label_issues(model, loader, L.Trainer(**trainer_kwargs()))
+    half = find_label_issues(model, loader, precision="bf16-mixed", **trainer_kwargs())
+    torch.testing.assert_close(half.score, full.score, atol=2e-2, rtol=0)
+    assert not torch.equal(half.score, full.score)  # bfloat16 logits: the pass did run under autocast
+
+
+class PlainClassifier(L.LightningModule):
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+@pytest.mark.parametrize(
+    "model, loader, match",
+    [
+        (PlainClassifier(), make_loader(), "needs a LightningModule that inherits AdaLabelMixin"),
+        (TinyClassifier(), DataLoader(TensorDataset(torch.randn(8, 8), torch.zeros(8, dtype=torch.long)),
+                                      shuffle=True), "got a shuffled DataLoader"),
+        (TinyClassifier(), DataLoader(TensorDataset(torch.randn(8, 8)), batch_size=4),
+         "a list of 1 without a label tensor"),
+        (TinyClassifier(), DataLoader(TensorDataset(torch.randn(8, 8), torch.full((8,), 5)), batch_size=4),
+         r"8 targets are neither a class index in \[0, 5\) nor ignore_index=-100"),
+        (TinyClassifier(), DataLoader(TensorDataset(torch.randn(8, 8), torch.full((8, 5), 0.2)), batch_size=4),
+         "needs the given labels as class indices"),
+        (TinyClassifier(), [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))], "takes a torch DataLoader"),
+    ],
+    ids=["no mixin", "shuffled", "no labels", "not a class", "probability targets", "not a DataLoader"],
+)
+def test_inputs_it_cannot_use_get_a_one_line_error(model: Any, loader: Any, match: str):
+    with pytest.raises((TypeError, ValueError), match=match) as error:
+        find_label_issues(model, loader, L.Trainer(**trainer_kwargs()))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_rank_as_one_process(tmp_path):
+    from tests.scripts.ddp_label_issues import NUM_SAMPLES, run
+
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], cwd=SCRIPT.parents[2], env=launch_env(),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, f"DDP script failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    single = run(devices=1)
+    assert single["index"].tolist() == list(range(NUM_SAMPLES))
+    for rank in (0, 1):
+        ddp = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert set(ddp) == set(single)
+        for name, value in single.items():
+            if name == "score" or name == "probabilities":
+                torch.testing.assert_close(ddp[name], value)
+            elif isinstance(value, Tensor):
+                assert torch.equal(ddp[name], value), name
+            else:
+                assert ddp[name] == value, name
+    assert isinstance(LabelIssues(**single), LabelIssues)
