@@ -31,13 +31,14 @@ from lightning_adalabel.validation import check_bool, check_choice
 
 #: How :func:`find_label_issues` decides which samples to flag.
 #:
-#: - ``"per_class"`` (default): in each given class k, the ``e_k n_k`` lowest-scored samples, where ``e_k`` is the
-#:   fraction of the ``n_k`` samples labelled k that the model does not predict as k (the error rate that ALR's
-#:   ``samples="misclassified"`` statistics count). The numbers are in docs/benchmarks.md.
+#: - ``"misclassified"`` (default): the samples whose most probable class is not their given label, the samples that
+#:   ALR's ``samples="misclassified"`` statistics count; in class k that is ``e_k n_k`` of its ``n_k`` samples, ``e_k``
+#:   the model's error rate on the samples labelled k. Measured against cleanlab's rule and against flagging the
+#:   ``e_k n_k`` lowest-scored samples of each class in docs/benchmarks.md ("Finding the wrong labels").
 #: - ``"cleanlab"``: ``cleanlab.filter.find_label_issues(labels, probabilities)``, cleanlab's default rule, on this
 #:   model's probabilities (the optional extra ``lightning-adalabel[cleanlab]``).
 #: - ``"none"``: flag nothing; use the ranking alone.
-CUT_OFFS = ("per_class", "cleanlab", "none")
+CUT_OFFS = ("misclassified", "cleanlab", "none")
 
 # Per position: dataset index, position in the sample, given label, most probable class, suggested label, flag.
 _COLUMNS = ("index", "position", "given", "predicted", "suggested")
@@ -60,7 +61,8 @@ class LabelIssues:
     predicted: Tensor
     """``(M,)`` int64: the model's most probable class."""
     suggested: Tensor
-    """``(M,)`` int64: the label to check first: the most probable class other than the given one."""
+    """``(M,)`` int64: the label to check first: the most probable class other than the given one, weighted by the
+    given class's row of Q (half Q's row, half uniform) when the module has an AdaLabel label matrix."""
     is_issue: Tensor
     """``(M,)`` bool: flagged by the cut-off."""
     ranking: Tensor
@@ -132,7 +134,7 @@ def find_label_issues(
     dataloader: DataLoader,
     trainer: Optional[pl.Trainer] = None,
     *,
-    cut_off: str = "per_class",
+    cut_off: str = "misclassified",
     keep_probabilities: bool = False,
     logits_and_target: LogitsAndTarget = inputs_and_target,
     ignore_index: Optional[int] = None,
@@ -187,7 +189,8 @@ def find_label_issues(
         raise ValueError(f"Pass either a `trainer` or Trainer settings, not both (got {sorted(trainer_kwargs)}).")
 
     def predict_step(batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
-        return _positions(*logits_and_target(model, batch), ignore_index)
+        engine = callback.engine if callback is not None else None
+        return _positions(*logits_and_target(model, batch), ignore_index, engine)
 
     # The pass runs the module's own hooks (device transfer, eval mode, precision) with this step in place of the
     # module's predict_step, which usually returns predictions rather than logits and labels.
@@ -228,13 +231,14 @@ def _import_cleanlab() -> Any:
     except ImportError as error:
         raise ImportError(
             "cut_off='cleanlab' needs cleanlab: `pip install \"lightning-adalabel[cleanlab]\"` (or use the default"
-            " cut_off='per_class')."
+            " cut_off='misclassified')."
         ) from error
     return cleanlab.filter
 
 
-def _positions(logits: Tensor, target: Tensor, ignore_index: int) -> Dict[str, Tensor]:
-    """One batch's per-position results, on the device, without a host sync."""
+def _positions(logits: Tensor, target: Tensor, ignore_index: int, engine: Optional[Any] = None) -> Dict[str, Tensor]:
+    """One batch's per-position results, on the device, without a host sync. ``engine``: the label matrix whose rows
+    weight the suggestion."""
     _tensor_validation(logits, target)
     if target.is_floating_point():
         raise ValueError(
@@ -244,8 +248,14 @@ def _positions(logits: Tensor, target: Tensor, ignore_index: int) -> Dict[str, T
     batch = _format(logits.detach().float(), target.detach(), ignore_index)
     probabilities = batch.logits.softmax(dim=1)
     score = probabilities.gather(1, batch.target[:, None]).squeeze(1)
-    # The suggestion is the most probable class other than the given one (the given one's probability is the score).
-    others = probabilities.scatter(1, batch.target[:, None], -1.0)
+    # The suggestion is another class than the given one (whose probability is the score). Under class-dependent noise
+    # Q's row of the given class says where such labels came from; under symmetric noise it says only which classes
+    # look alike. Half Q's row, half uniform won on average over both (docs/benchmarks.md).
+    weights = probabilities
+    if engine is not None and engine.num_classes == probabilities.shape[1]:
+        rows = engine.rows(batch.target.to(engine.device)).to(probabilities.device)
+        weights = probabilities * (rows + 1.0 / (probabilities.shape[1] - 1))
+    others = weights.scatter(1, batch.target[:, None], -1.0)
     return {"given": batch.target, "score": score, "predicted": probabilities.argmax(dim=1),
             "suggested": others.argmax(dim=1), "valid": batch.valid, "invalid": batch.invalid,
             "probabilities": probabilities}
@@ -336,8 +346,8 @@ def _gather(strategy: Any, local: Dict[str, Tensor], device: torch.device) -> Op
 def _label_issues(found: Dict[str, Tensor], cut_off: str) -> LabelIssues:
     score = found["score"]
     ranking = torch.sort(score, stable=True).indices
-    if cut_off == "per_class":
-        is_issue = per_class_cut_off(score, found["given"], found["predicted"])
+    if cut_off == "misclassified":
+        is_issue = found["predicted"] != found["given"]
     elif cut_off == "cleanlab":
         flags = _import_cleanlab().find_label_issues(found["given"].numpy(), found["probabilities"].double().numpy())
         is_issue = torch.as_tensor(flags, dtype=torch.bool)
@@ -349,24 +359,3 @@ def _label_issues(found: Dict[str, Tensor], cut_off: str) -> LabelIssues:
         cut_off=cut_off, probabilities=found.get("probabilities"),
     )
 
-
-def per_class_cut_off(score: Tensor, given: Tensor, predicted: Tensor) -> Tensor:
-    """Flag, in each given class k, the lowest-scored ``e_k n_k`` of its ``n_k`` samples, ``e_k`` the fraction that the
-    model does not predict as k.
-
-    Example:
-        >>> score = torch.tensor([0.9, 0.2, 0.6, 0.1, 0.8])
-        >>> given, predicted = torch.tensor([0, 0, 0, 1, 1]), torch.tensor([0, 1, 1, 0, 1])
-        >>> per_class_cut_off(score, given, predicted).tolist()  # class 0: 2 of 3 misclassified; class 1: 1 of 2
-        [False, True, True, True, False]
-    """
-    num_classes = int(torch.maximum(given.max(), predicted.max())) + 1 if len(given) else 1
-    misclassified = torch.zeros(num_classes, dtype=torch.long).index_add_(0, given, (predicted != given).long())
-    # Rank of each sample inside its class by score (0: lowest): sort by score, then stably by class.
-    by_score = torch.sort(score, stable=True).indices
-    by_class = by_score[torch.sort(given[by_score], stable=True).indices]
-    class_sizes = torch.bincount(given, minlength=num_classes)
-    class_start = torch.cumsum(class_sizes, 0) - class_sizes
-    rank_in_class = torch.empty_like(given)
-    rank_in_class[by_class] = torch.arange(len(given)) - class_start[given[by_class]]
-    return rank_in_class < misclassified[given]
