@@ -349,7 +349,10 @@ def _label_issues(found: Dict[str, Tensor], cut_off: str) -> LabelIssues:
     if cut_off == "misclassified":
         is_issue = found["predicted"] != found["given"]
     elif cut_off == "cleanlab":
-        flags = _import_cleanlab().find_label_issues(found["given"].numpy(), found["probabilities"].double().numpy())
+        # n_jobs=1: cleanlab's worker pool relies on fork-inherited globals, which a spawned process (ddp_spawn, a
+        # spawned worker) does not have.
+        flags = _import_cleanlab().find_label_issues(found["given"].numpy(), found["probabilities"].double().numpy(),
+                                                     n_jobs=1)
         is_issue = torch.as_tensor(flags, dtype=torch.bool)
     else:
         is_issue = torch.zeros_like(score, dtype=torch.bool)

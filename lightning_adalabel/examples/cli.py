@@ -21,6 +21,9 @@ commands:
   validate  evaluate on the validation set: adalabel validate --config <recipe> --ckpt_path <checkpoint>
   test      evaluate on the test set:       adalabel test --config <recipe> --ckpt_path <checkpoint>
   predict   write predictions.csv:          adalabel predict --config <recipe> --ckpt_path <checkpoint>
+  label-issues  the training samples whose labels are probably wrong, most suspect first, as a CSV file:
+            adalabel label-issues --config <recipe> --ckpt_path <checkpoint> [--output label_issues.csv]
+            [--cut_off misclassified|cleanlab|none] [--only_issues true]
 
 Resume a preempted or requeued job with the same command plus --trainer.default_root_dir DIR --ckpt_path last.
 
@@ -30,7 +33,7 @@ Errors are told in one line; add --traceback (or set ADALABEL_TRACEBACK=1) to se
 """
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-COMMANDS = ("demo", "recipes", *LIGHTNING_COMMANDS)
+COMMANDS = ("demo", "recipes", *LIGHTNING_COMMANDS, "label-issues")
 RECIPES_EXTRA = 'pip install "lightning-adalabel[recipes]"'
 # Errors that our own code raises to tell the user what to change (a wrong path, value or combination, a missing
 # optional dependency).
@@ -73,6 +76,10 @@ def run_command(command: str, args: List[str]) -> int:
         import jsonargparse  # noqa: F401  (LightningCLI's parser)
     except ImportError:
         return fail(f"`adalabel {command}` runs LightningCLI recipes, which need jsonargparse: {RECIPES_EXTRA}")
+    if command == "label-issues":
+        from lightning_adalabel.examples.recipes.label_issues import main as label_issues_main
+
+        return label_issues_main(args)
     from lightning_adalabel.examples.recipes.lightning_cli import run
 
     run([command, *args])

@@ -88,6 +88,15 @@ class SplitDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
+    def label_issues_set(self) -> Dataset:
+        """The training samples that ``adalabel label-issues`` scores (after ``setup("fit")``): the training set, or
+        in a subclass the same samples without random augmentation."""
+        return self.train_set  # type: ignore[return-value]
+
+    def label_issues_dataloader(self) -> DataLoader:
+        """:meth:`label_issues_set` unshuffled, every sample once (no ``drop_last``)."""
+        return self._loader(self.label_issues_set(), train=False)
+
 
 def workers_for_machine(requested: int, processes_per_machine: int = 1) -> int:
     """``requested`` loader workers, or fewer: at most the CPUs this process may use shared among the training

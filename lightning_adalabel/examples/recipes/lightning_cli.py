@@ -381,7 +381,13 @@ def run(argv: Optional[List[str]] = None) -> AdaLabelCLI:
         raise
 
 
-def _run(args: List[str]) -> AdaLabelCLI:
+def build(argv: List[str]) -> AdaLabelCLI:
+    """The recipe's model, data module and Trainer (with AdaLabel) from ``argv`` without a subcommand, nothing run:
+    what ``adalabel label-issues`` drives itself."""
+    return _run(resolve_config_args(argv), run=False)
+
+
+def _run(args: List[str], run: bool = True) -> AdaLabelCLI:
     with warnings.catch_warnings():
         # The image recipes' ImageClassifier mixes batches (MixUp/CutMix) in its own on_after_batch_transfer on
         # purpose: the mixing belongs to the model's training, not to the data. Lightning would warn about it on
@@ -392,4 +398,5 @@ def _run(args: List[str]) -> AdaLabelCLI:
         return AdaLabelCLI(
             args=args,
             save_config_kwargs={"overwrite": True},  # re-running a recipe into the same folder is the common case
+            run=run,
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Type
 
 import torch
-from torch.utils.data import Subset, default_collate
+from torch.utils.data import Dataset, Subset, default_collate
 from torchvision import datasets
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.datasets.utils import check_integrity
@@ -126,6 +126,11 @@ class CIFAR10DataModule(SplitDataModule):
             self.test_set = self._dataset(train=False, transform=self.eval_transform())
             if self.val_set is None:
                 self.val_set = self.test_set
+
+    def label_issues_set(self) -> Dataset:
+        """The training images without random crops and flips: a label is judged on the image as it is."""
+        images = self._dataset(train=True, transform=self.eval_transform())
+        return Subset(images, self.train_set.indices) if isinstance(self.train_set, Subset) else images
 
     def _dataset(self, train: bool, transform: Callable) -> datasets.CIFAR10:
         # setup has compared the MD5s once (if asked to); torchvision's checked loader would hash every file again

@@ -1,0 +1,91 @@
+"""``adalabel label-issues --config <recipe> --ckpt_path <checkpoint>``: the training samples whose labels are
+probably wrong, as a CSV file sorted most suspect first.
+
+The recipe's model is loaded from the checkpoint (with the AdaLabel state saved in it, whose label matrix weights the
+suggested labels) and :func:`lightning_adalabel.find_label_issues` scores every training sample, unshuffled, through
+the recipe's Trainer (``--trainer.*``: devices, precision). One row per sample: ``index`` (its row in the data set's
+training file or folder: ``train.csv``'s row, the CIFAR training image), ``given`` and ``suggested`` (0-based classes,
+as ``adalabel predict`` writes them), ``score`` (the model's probability of the given label) and ``is_issue`` (1 where
+the cut-off flags it). Options of its own: ``--output`` (default ``label_issues.csv``), ``--cut_off``
+(``misclassified``, ``cleanlab`` or ``none``) and ``--only_issues`` (write the flagged rows only).
+"""
+
+import os
+from typing import Any, Dict, List, Tuple
+
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import Dataset, Subset
+
+from lightning_adalabel import find_label_issues
+from lightning_adalabel.label_issues import CUT_OFFS
+
+OWN_OPTIONS = {"--output": "label_issues.csv", "--cut_off": "misclassified", "--only_issues": "false"}
+
+
+def split_arguments(args: List[str]) -> Tuple[Dict[str, str], List[str]]:
+    """This command's own options (and ``--ckpt_path``), and the rest for LightningCLI.
+
+    Example:
+        >>> split_arguments(["--config", "agnews", "--ckpt_path=a.ckpt", "--output", "x.csv"])
+        ({'--output': 'x.csv', '--cut_off': 'misclassified', '--only_issues': 'false', '--ckpt_path': 'a.ckpt'}, ['--config', 'agnews'])
+    """
+    own = dict(OWN_OPTIONS, **{"--ckpt_path": ""})
+    rest: List[str] = []
+    tokens = iter(args)
+    for token in tokens:
+        name, equals, value = token.partition("=")
+        if name not in own:
+            rest.append(token)
+            continue
+        if not equals:
+            value = next(tokens, "")
+            if not value or value.startswith("--"):
+                raise ValueError(f"adalabel label-issues: {name} needs a value.")
+        own[name] = value
+    return own, rest
+
+
+def source_rows(dataset: Dataset) -> Any:
+    """Where each sample of ``dataset`` sits in the data set it was split from (a hold-out split is a ``Subset``)."""
+    rows = None
+    while isinstance(dataset, Subset):
+        rows = [dataset.indices[row] for row in rows] if rows is not None else list(dataset.indices)
+        dataset = dataset.dataset
+    return rows
+
+
+def main(args: List[str]) -> int:
+    own, rest = split_arguments(args)
+    if not own["--ckpt_path"]:
+        raise ValueError(
+            "adalabel label-issues needs the trained model: --ckpt_path <checkpoint written by `adalabel fit`>."
+        )
+    if not os.path.isfile(own["--ckpt_path"]):
+        raise FileNotFoundError(f"--ckpt_path {own['--ckpt_path']}: no such file. Pass a checkpoint of `adalabel fit`.")
+    if own["--cut_off"] not in CUT_OFFS:
+        raise ValueError(f"invalid value {own['--cut_off']!r} for --cut_off; choose one of: {', '.join(CUT_OFFS)}")
+    only_issues = own["--only_issues"].lower() in ("true", "1", "yes")
+    from lightning_adalabel.examples.recipes.lightning_cli import build
+
+    cli = build(rest)
+    data = cli.datamodule
+    label_issues_set = getattr(data, "label_issues_set", None)
+    if not callable(label_issues_set):
+        raise ValueError(
+            f"adalabel label-issues scores the training set of a recipe's data module; {type(data).__name__} has no"
+            " label_issues_set(). Use a shipped recipe, or call lightning_adalabel.find_label_issues in Python."
+        )
+    data.setup("fit")
+    dataset = label_issues_set()
+    found = find_label_issues(cli.model, data.label_issues_dataloader(), cli.trainer, cut_off=own["--cut_off"],
+                              ckpt_path=own["--ckpt_path"])
+    rows = source_rows(dataset)
+    if rows is not None:  # the row in the training file, not in the split that was trained on
+        found.index = found.index.new_tensor(rows)[found.index]
+    if cli.trainer.global_rank == 0:
+        written = found.to_csv(own["--output"], only_issues=only_issues)
+        rank_zero_info(
+            f"adalabel: {int(found.is_issue.sum())} of {len(found)} training samples flagged ({own['--cut_off']}"
+            f" cut-off); wrote {written} rows, most suspect first, to {own['--output']}"
+        )
+    return 0
