@@ -177,3 +177,18 @@ def test_two_ddp_processes_rank_as_one_process(tmp_path):
             else:
                 assert ddp[name] == value, name
     assert isinstance(LabelIssues(**single), LabelIssues)
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_and_tabulates_at_toy_size(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "label_issues.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--task", "digits", "--seeds", "1", "--epochs", "1", "--folds", "2",
+         "--settings", "flip-20", "--methods", "alr", "cleanlab", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    runs = (tmp_path / "runs.csv").read_text().splitlines()
+    assert runs[0].startswith("task,setting,method,seed,auroc,precision,recall") and len(runs) == 3
+    assert "| alr (in-sample) | 1 | 1 |" in result.stdout
+    assert "| cleanlab's recipe: CE, out-of-sample | 2 | 1 |" in result.stdout
