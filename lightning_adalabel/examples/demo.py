@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from lightning_adalabel import PRESETS, AdaLabel, AdaLabelMixin, plot_label_matrix
+from lightning_adalabel import PRESETS, AdaLabel, AdaLabelMixin, find_label_issues, plot_label_matrix
 
 NUM_CLASSES = 10
 NUM_TRAIN = 1000
@@ -318,6 +318,50 @@ class _EpochProgress(L.Callback):
         self.bar.update(1)
 
 
+class _KeepModel(L.Callback):
+    """Keeps the trained module, for the search for its training set's wrong labels once the fit is over."""
+
+    module: Optional[L.LightningModule] = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.module = pl_module
+
+
+def flipped_labels_found(model: L.LightningModule, method: str, seed: int, noise: float) -> Dict[str, Any]:
+    """How many of the flipped training labels :func:`~lightning_adalabel.find_label_issues` flags, with its default
+    cut-off, and how well its score ranks them (AUROC)."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    x_train, y_train, _, _ = load_digits_split(noise, seed)
+    found = find_label_issues(model, DataLoader(TensorDataset(x_train, y_train), batch_size=250), accelerator="cpu",
+                              devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    flipped = found.given != load_digits_split()[1][found.index]
+    hits = int((found.is_issue & flipped).sum())
+    flagged = int(found.is_issue.sum())
+    return {"method": method, "seed": seed, "flipped": int(flipped.sum()), "flagged": flagged,
+            "precision": hits / flagged if flagged else math.nan, "recall": hits / max(1, int(flipped.sum())),
+            "auroc": float(binary_auroc(1 - found.score, flipped.long()))}
+
+
+def format_found(rows: Sequence[Dict[str, Any]]) -> str:
+    """The markdown table of :func:`flipped_labels_found`'s rows, one line per method (mean over its seeds).
+
+    Example:
+        >>> row = {"method": "alr", "seed": 0, "flipped": 300, "flagged": 290, "precision": 0.95, "recall": 0.9,
+        ...        "auroc": 0.97}
+        >>> print(format_found([row]).splitlines()[2])
+        | alr | 290 | 95.0 | 90.0 | 0.970 |
+    """
+    lines = ["| method | flagged | precision (%) | recall (%) | AUROC |", "|---|---|---|---|---|"]
+    for method in dict.fromkeys(row["method"] for row in rows):
+        runs = [row for row in rows if row["method"] == method]
+        mean = {name: sum(row[name] for row in runs) / len(runs) for name in ("flagged", "precision", "recall",
+                                                                               "auroc")}
+        lines.append(f"| {method} | {mean['flagged']:.0f} | {100 * mean['precision']:.1f} | {100 * mean['recall']:.1f}"
+                     f" | {mean['auroc']:.3f} |")
+    return "\n".join(lines)
+
+
 RUN_HEADER = "| run | method | seed | test accuracy (%) | test NLL | ECE (%) | seconds |\n|---|---|---|---|---|---|---|"
 
 
@@ -347,6 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     print(RUN_HEADER, flush=True)
     results: List[RunResult] = []
+    found: List[Dict[str, Any]] = []
     learned: Dict[str, Tensor] = {}
     # One bar over the whole grid, in epochs; only on a terminal (a log file gets the table rows alone).
     from tqdm.auto import tqdm
@@ -358,10 +403,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ) as bar:
         for index, (method, seed) in enumerate(grid, start=1):
             bar.set_description(f"{method}, seed {seed}")
+            kept = _KeepModel()
             result, callback = run_digits(
-                method, seed, args.noise, args.epochs, progress_bar=False, extra_callbacks=[_EpochProgress(bar)]
+                method, seed, args.noise, args.epochs, progress_bar=False, extra_callbacks=[_EpochProgress(bar), kept]
             )
             results.append(result)
+            if args.noise > 0:  # which training labels are flipped is known: how many does the trained model find?
+                found.append(flipped_labels_found(kept.module, method, seed, args.noise))
             if seed == 0 and callback.label_matrix is not None:
                 learned[method] = callback.label_matrix.matrix.cpu()
             bar.write(format_run(result, index, len(grid)), file=sys.stdout)
@@ -371,10 +419,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     write_csv(os.path.join(args.out, "summary.csv"), summary)
     print(f"\nMean ± standard error over {args.seeds} seed(s):\n")
     print(format_table(summary))
+    if found:
+        write_csv(os.path.join(args.out, "label_issues.csv"), found)
+        print(f"\nThe {found[0]['flipped']} flipped training labels, as find_label_issues finds them in each trained"
+              f" model's training set (mean over {args.seeds} seed(s)):\n")
+        print(format_found(found))
     if "alr" in learned:
         figure = plot_label_matrix(learned["alr"], title=f"ALR label matrix, digits, noise {args.noise}, seed 0")
         heatmap = os.path.join(args.out, "alr_label_matrix.png")
         figure.savefig(heatmap, dpi=120)
         print(f"\nLearned ALR matrix: {heatmap}")
-    print(f"Results: {os.path.join(args.out, 'summary.csv')}, {os.path.join(args.out, 'runs.csv')}")
+    found_csv = f", {os.path.join(args.out, 'label_issues.csv')}" if found else ""
+    print(f"Results: {os.path.join(args.out, 'summary.csv')}, {os.path.join(args.out, 'runs.csv')}{found_csv}")
     return 0

@@ -1,5 +1,6 @@
 """`adalabel demo`: the digits comparison, its files, and an output short enough to read."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -65,3 +66,19 @@ def test_demo_output_is_a_short_table_and_lands_in_the_noise_folder(tmp_path):
         assert noise not in output
     assert (tmp_path / "adalabel_demo_flip30" / "summary.csv").is_file()
     assert not (tmp_path / "adalabel_demo").exists()  # the clean run's folder is left alone
+
+
+def test_demo_with_noise_tells_how_many_flipped_labels_each_model_finds(tmp_path, capsys):
+    from lightning_adalabel.examples.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--seeds", "1", "--epochs", "2", "--methods", "alr", "--noise", "0.3", "--out", str(out),
+                 "--no-progress-bar"]) == 0
+    printed = capsys.readouterr().out
+    with open(out / "label_issues.csv", newline="") as file:
+        (row,) = list(csv.DictReader(file))
+    assert row["method"] == "alr" and row["flipped"] == "300"
+    precision, recall, auroc = (float(row[name]) for name in ("precision", "recall", "auroc"))
+    assert 0.5 < precision <= 1 and 0.5 < recall <= 1 and 0.8 < auroc <= 1  # a trained model finds most of them
+    assert "The 300 flipped training labels, as find_label_issues finds them" in printed
+    assert f"| alr | {row['flagged']} | {100 * precision:.1f} | {100 * recall:.1f} | {auroc:.3f} |" in printed
