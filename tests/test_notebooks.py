@@ -92,7 +92,8 @@ def check_outputs(notebook: Any, name: str) -> None:
 
 
 def test_the_notebooks_are_there():
-    assert NOTEBOOKS == ["bring_your_own_module.ipynb", "noisy_labels.ipynb", "quick_start.ipynb"]
+    assert NOTEBOOKS == ["bring_your_own_module.ipynb", "find_label_errors.ipynb", "noisy_labels.ipynb",
+                         "quick_start.ipynb"]
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
