@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from lightning_adalabel.inputs import _format, _tensor_validation, invalid_targets_message
 from lightning_adalabel.module import AdaLabelMixin
-from lightning_adalabel.validation import check_bool, check_choice
+from lightning_adalabel.validation import check_bool, check_choice, check_int
 
 #: How :func:`find_label_issues` decides which samples to flag.
 #:
@@ -139,6 +139,7 @@ def find_label_issues(
     logits_and_target: LogitsAndTarget = inputs_and_target,
     ignore_index: Optional[int] = None,
     ckpt_path: Optional[str] = None,
+    log_top: int = 0,
     **trainer_kwargs: Any,
 ) -> LabelIssues:
     """Rank every labelled sample of ``dataloader`` by how likely its label is wrong, from the trained ``model``.
@@ -156,6 +157,8 @@ def find_label_issues(
             class indices.
         ignore_index: targets equal to it are not samples; default: the AdaLabel callback's (else -100).
         ckpt_path: a checkpoint to load into ``model`` first, as ``trainer.predict(ckpt_path=...)`` does.
+        log_top: log a table of the ``log_top`` most suspect flagged samples through the Trainer's loggers (see
+            :func:`log_top_suspects`); 0: none.
 
     Returns:
         :class:`LabelIssues`, the same on every process.
@@ -174,6 +177,7 @@ def find_label_issues(
         )
     check_choice("cut_off", cut_off, CUT_OFFS)
     check_bool("keep_probabilities", keep_probabilities)
+    check_int("log_top", log_top, minimum=0)
     _check_loader(dataloader)
     if cut_off == "cleanlab":
         _import_cleanlab()  # before the pass, not after it
@@ -207,7 +211,10 @@ def find_label_issues(
     num_invalid = int(found.pop("invalid").sum())
     if num_invalid:
         raise ValueError(invalid_targets_message(num_invalid, None, False, int(found.pop("num_classes")), ignore_index))
-    return _label_issues(found, cut_off)
+    issues = _label_issues(found, cut_off)
+    if log_top:
+        log_top_suspects(trainer, issues, log_top)
+    return issues
 
 
 def _check_loader(dataloader: Any) -> None:
@@ -362,3 +369,43 @@ def _label_issues(found: Dict[str, Tensor], cut_off: str) -> LabelIssues:
         cut_off=cut_off, probabilities=found.get("probabilities"),
     )
 
+
+
+SUSPECT_COLUMNS = ("index", "position", "given", "suggested", "score")
+
+
+def log_top_suspects(trainer: "pl.Trainer", found: LabelIssues, count: int) -> None:
+    """The ``count`` most suspect flagged samples as a table, from global rank 0: TensorBoard's Text tab
+    (``adalabel/label_issues``, a markdown table) for a TensorBoard logger; for the other loggers, or none,
+    ``<log_dir>/label_issues/top_suspects.csv``.
+
+    Example:
+        >>> print(_suspects_markdown([{"index": 7, "position": 0, "given": 3, "suggested": 5, "score": 0.012}]))
+        | index | position | given | suggested | score |
+        |---|---|---|---|---|
+        | 7 | 0 | 3 | 5 | 0.0120 |
+    """
+    if not trainer.is_global_zero:
+        return
+    rows = found.rows(only_issues=True)[:count]
+    writes_file = not trainer.loggers
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_text") and hasattr(experiment, "add_figure"):  # TensorBoard's SummaryWriter
+            experiment.add_text("adalabel/label_issues", _suspects_markdown(rows), global_step=trainer.global_step)
+        else:
+            writes_file = True
+    if writes_file:
+        directory = os.path.join(trainer.log_dir or trainer.default_root_dir, "label_issues")
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "top_suspects.csv"), "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(SUSPECT_COLUMNS)
+            writer.writerows([row[name] for name in SUSPECT_COLUMNS] for row in rows)
+
+
+def _suspects_markdown(rows: Sequence[Dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(SUSPECT_COLUMNS) + " |", "|---" * len(SUSPECT_COLUMNS) + "|"]
+    lines += [f"| {row['index']} | {row['position']} | {row['given']} | {row['suggested']} | {row['score']:.4f} |"
+              for row in rows]
+    return "\n".join(lines)

@@ -192,3 +192,26 @@ def test_the_benchmark_runs_and_tabulates_at_toy_size(tmp_path):
     assert runs[0].startswith("task,setting,method,seed,auroc,precision,recall") and len(runs) == 3
     assert "| alr (in-sample) | 1 | 1 |" in result.stdout
     assert "| cleanlab's recipe: CE, out-of-sample | 2 | 1 |" in result.stdout
+
+
+def test_the_top_suspects_reach_tensorboard_or_a_csv_file(digits, tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, model, x, given, _ = digits
+    loader = unshuffled(x, given)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    found = find_label_issues(model, loader, log_top=5, **trainer_kwargs(logger=logger))
+    logger.experiment.flush()
+    (text,) = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0}).Reload().Tensors(
+        "adalabel/label_issues/text_summary")
+    table = text.tensor_proto.string_val[0].decode().splitlines()
+    first = int(found.issues[0])
+    assert len(table) == 2 + 5 and table[2].startswith(f"| {int(found.index[first])} | 0 | {int(found.given[first])} |")
+
+    logger = CSVLogger(tmp_path, name="csv")
+    find_label_issues(model, loader, log_top=3, **trainer_kwargs(logger=logger))
+    rows = (Path(logger.log_dir) / "label_issues" / "top_suspects.csv").read_text().splitlines()
+    assert rows[0] == "index,position,given,suggested,score" and len(rows) == 1 + 3
+    assert rows[1].startswith(f"{int(found.index[first])},0,{int(found.given[first])},")
