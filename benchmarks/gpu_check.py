@@ -97,6 +97,9 @@ def row(check: str, ok: bool, figure: str, target: str, **details: Any) -> Dict[
             "details": details}
 
 
+RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
 class Runner:
     """Runs commands with a time limit, their output appended to the log, the repository on ``PYTHONPATH``."""
 
@@ -115,7 +118,10 @@ class Runner:
         if self.dry_run:
             print(f"  {shown}")
             return subprocess.CompletedProcess(command, 0, "", "")
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        # Each command is a run of its own: a rendezvous address or rank left in this environment (a launcher or an
+        # earlier ddp_spawn fit in the calling process sets MASTER_PORT) would send it to a port that may be taken.
+        environment = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS}
+        environment["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
         self.log(f"\n$ {shown}")
         try:
             result = subprocess.run(command, cwd=cwd or REPO, env=environment, capture_output=True, text=True,
