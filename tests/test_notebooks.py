@@ -110,11 +110,31 @@ def test_notebook_is_committed_executed_with_its_pictures(name):
     assert os.path.getsize(os.path.join(NOTEBOOK_DIR, name)) < MAX_BYTES
 
 
+# The committed outputs are full runs (checked above, as a reader sees them). Run again here, each notebook only has
+# to show that every cell still runs and draws, which a few epochs show as well as 30: its training length is cut at
+# the one place the notebook sets it (the suite's largest cost otherwise, two minutes on 2 cores).
+FEWER_EPOCHS = {
+    "bring_your_own_module.ipynb": ("max_epochs=20,", "max_epochs=2,"),
+    "find_label_errors.ipynb": ("def train(y, epochs=15, seed=0):", "def train(y, epochs=2, seed=0):"),
+    "noisy_labels.ipynb": ('NOISE, NOISE_TYPE, EPOCHS = 0.4, "flip", 30', 'NOISE, NOISE_TYPE, EPOCHS = 0.4, "flip", 2'),
+    "quick_start.ipynb": ("NOISE, EPOCHS, SEEDS = 0.3, 30, [0, 1]", "NOISE, EPOCHS, SEEDS = 0.3, 2, [0, 1]"),
+}
+
+
+def with_fewer_epochs(notebook: Any, name: str) -> None:
+    setting, shorter = FEWER_EPOCHS[name]
+    cells = [cell for cell in code_cells(notebook) if setting in cell.source]
+    assert len(cells) == 1, f"{name}: the line {setting!r} that sets its training length is gone; update FEWER_EPOCHS"
+    cells[0].source = cells[0].source.replace(setting, shorter)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_without_error_and_shows_its_pictures(name, tmp_path):
     notebook = read(name)
     for cell in code_cells(notebook):
         cell.outputs, cell.execution_count = [], None
+    with_fewer_epochs(notebook, name)
     # The kernel runs in a scratch folder so the notebooks' files land there; nbclient raises CellExecutionError
     # (with the cell and the traceback) on the first failing cell.
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
