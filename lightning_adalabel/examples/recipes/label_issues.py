@@ -26,8 +26,9 @@ def split_arguments(args: List[str]) -> Tuple[Dict[str, str], List[str]]:
     """This command's own options (and ``--ckpt_path``), and the rest for LightningCLI.
 
     Example:
-        >>> split_arguments(["--config", "agnews", "--ckpt_path=a.ckpt", "--output", "x.csv"])
-        ({'--output': 'x.csv', '--cut_off': 'misclassified', '--only_issues': 'false', '--ckpt_path': 'a.ckpt'}, ['--config', 'agnews'])
+        >>> own, rest = split_arguments(["--config", "agnews", "--ckpt_path=a.ckpt", "--output", "x.csv"])
+        >>> own["--ckpt_path"], own["--output"], own["--cut_off"], rest
+        ('a.ckpt', 'x.csv', 'misclassified', ['--config', 'agnews'])
     """
     own = dict(OWN_OPTIONS, **{"--ckpt_path": ""})
     rest: List[str] = []
