@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Each test runs a benchmark script in a process of its own.
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
 
 

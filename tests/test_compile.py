@@ -16,6 +16,9 @@ from lightning_adalabel.losses import decoupled_loss, mixed_loss, soft_label_los
 from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
+# torch.compile: each new graph is a C++ compile of seconds on a CPU.
+pytestmark = pytest.mark.slow
+
 K = 5
 
 

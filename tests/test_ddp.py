@@ -15,6 +15,9 @@ import torch
 
 from tests.scripts.ddp_adalabel import CONFIGS, GLOBAL_BATCH, MAX_EPOCHS, NUM_CLASSES, NUM_SAMPLES, run_config
 
+# Every test here launches 2 DDP processes (or reads what one launch recorded).
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_adalabel.py"
 ACCUMULATOR_SHAPE = (NUM_CLASSES * (NUM_CLASSES + 4),)  # K x 4 tallies and K x K sums, flat (label_matrix.py)
 STEPS_PER_EPOCH = NUM_SAMPLES // GLOBAL_BATCH

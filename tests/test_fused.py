@@ -72,7 +72,9 @@ def test_an_all_zero_label_matrix_row_gives_no_soft_loss(mode):
     torch.testing.assert_close(gradient, expected_gradient)
 
 
-@pytest.mark.parametrize("num_classes", [3, _SMALL_NUM_CLASSES + 1])
+@pytest.mark.parametrize(
+    "num_classes", [3, pytest.param(_SMALL_NUM_CLASSES + 1, marks=pytest.mark.slow)]  # gradcheck of a 65-class batch
+)
 @pytest.mark.parametrize("mode", MODES)
 def test_gradcheck_in_float64(num_classes, mode):
     logits, target = batch(num_classes, size=4, dtype=torch.float64)

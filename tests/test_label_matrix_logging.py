@@ -85,6 +85,7 @@ def test_bad_logging_options_fail_early():
 
 
 
+@pytest.mark.slow  # wandb starts its service process
 def test_weights_and_biases_gets_an_image_and_a_table_per_refresh(tmp_path, monkeypatch):
     """W&B in offline mode (no network): the run's files are read back after it finishes."""
     wandb = pytest.importorskip("wandb")
@@ -115,6 +116,7 @@ def test_weights_and_biases_gets_an_image_and_a_table_per_refresh(tmp_path, monk
     assert not os.path.exists(label_matrix_dir(trainer))
 
 
+@pytest.mark.slow  # mlflow's file store
 def test_mlflow_gets_the_heatmap_and_the_pairs_as_artifacts(tmp_path, monkeypatch):
     """MLflow with a file store (no server, no database): the artifacts are listed and read back through MLflow's
     client."""

@@ -73,6 +73,7 @@ def assert_untouched_at_train_start(probe):
     torch.testing.assert_close(matrix, initial_label_matrix(K))
 
 
+@pytest.mark.slow  # the finder's trial fits, then two runs
 def test_the_batch_size_finder_leaves_no_statistics_and_the_run_equals_one_without_it(tmp_path):
     finder = BatchSizeFinder(mode="power", steps_per_trial=2, init_val=4, max_trials=2)
     model, callback, probe = run(finder, tmp_path / "with")

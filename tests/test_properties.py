@@ -32,6 +32,9 @@ from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
 from lightning_adalabel.losses import soft_label_loss
 from lightning_adalabel.inputs import _format, check_values, count_unusable_logits
 
+# Hypothesis draws hundreds of random batches per property.
+pytestmark = pytest.mark.slow
+
 # Every loss mode a preset uses, each with the alpha a preset could give it.
 LOSS_MODES = {"decoupled": 1.0, "mixed": 0.3, "ce": 0.0}
 assert set(LOSS_MODES) == {preset.loss for preset in PRESETS.values()}

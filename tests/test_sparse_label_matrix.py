@@ -156,6 +156,7 @@ def test_non_finite_logits_are_left_out_and_counted():
     assert torch.isfinite(sparse.values).all() and torch.isfinite(sparse.residual_mass).all()
 
 
+@pytest.mark.slow  # batches of 300,000 logits
 def test_three_hundred_thousand_classes_never_build_a_k_by_k_tensor():
     """K = 300,000: a dense Q would be 360 GB, far beyond this machine; loss, statistics, refresh and state run."""
     num_classes = 300_000

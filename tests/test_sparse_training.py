@@ -76,6 +76,7 @@ def ddp_records(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, list]:
             for name in CONFIGS}
 
 
+@pytest.mark.slow  # one 2-process DDP launch, shared
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_ddp_equals_one_process_on_the_same_global_batches(name, ddp_records):
     single, ranks = run_config(name, devices=1), ddp_records[name]
@@ -91,6 +92,7 @@ def test_ddp_equals_one_process_on_the_same_global_batches(name, ddp_records):
     torch.testing.assert_close(ranks[0]["weight"], single["weight"], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_one_fixed_size_all_gather_per_refresh_and_no_all_reduce(ddp_records):
     # K x (5 + 2c): tallies, uniform sums, c candidates' classes and sums; c = 4 * top_k clamped to the row's
     # 4 other classes (alr) or all 5 (ols, with the diagonal).

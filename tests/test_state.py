@@ -289,6 +289,7 @@ def test_alr_trains_with_weight_averaging(make_averaging):
 # ---- 4. ddp_spawn --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two spawned 2-process fits
 def test_ddp_spawn_leaves_the_learned_q_on_the_callback_in_the_launching_process(monkeypatch):
     callback, model = AdaLabel(), TinyClassifier()
     for max_epochs in (2, 1):  # a second spawned fit continues from the first's Q, read in between or not
