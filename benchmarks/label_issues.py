@@ -225,6 +225,30 @@ def format_table(rows: Sequence[Dict[str, Any]], setting: str) -> str:
     return "\n".join(lines)
 
 
+def format_overview(rows: Sequence[Dict[str, Any]], settings: Sequence[str]) -> str:
+    """One line per setting: each method's mean AUROC (``±`` s.e.), ALR's in-sample run against the others.
+
+    Example:
+        >>> rows = [{"setting": "flip-20", "method": method, "seed": "0", "auroc": auroc}
+        ...         for method, auroc in (("alr", "0.99"), ("cleanlab", "0.95"))]
+        >>> print(format_overview(rows, ["flip-20"]).splitlines()[2])
+        | flip-20 | 0.990 ± 0.000 | 0.950 ± 0.000 |
+    """
+    methods = [method for method in METHODS if any(row["method"] == method for row in rows)]
+    names = {"alr": "ALR, 1 run", "none": "CE, 1 run", "label_smoothing": "label smoothing, 1 run",
+             "ols": "OLS, 1 run", "cleanlab": "cleanlab's recipe (CE, out-of-sample)"}
+    lines = ["| setting | " + " | ".join(names[method] for method in methods) + " |",
+             "|---" * (1 + len(methods)) + "|"]
+    for setting in settings:
+        cells = []
+        for method in methods:
+            mean, error = mean_and_error([float(row["auroc"]) for row in rows
+                                          if row["setting"] == setting and row["method"] == method])
+            cells.append("—" if math.isnan(mean) else f"{mean:.3f} ± {error:.3f}")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="digits", choices=TASKS)
@@ -271,6 +295,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if any(row["setting"] == setting for row in rows):
             print(f"\n### {args.task}, {setting}\n")
             print(format_table(rows, setting))
+    print(f"\n### {args.task}: AUROC of the score for the corrupted labels (mean ± s.e. over seeds)\n")
+    print(format_overview(rows, args.settings))
     print(f"\nRuns: {runs_path}")
     return 0
 
