@@ -325,14 +325,15 @@ def test_predict_writes_one_row_per_sample_with_the_models_top_classes(requeued_
 # ---- runs that would do nothing, and mistakes on the command line ----------------------------------------------------
 
 
-@pytest.mark.slow
-def test_too_little_training_data_is_an_error_not_a_silent_success(data, tmp_path):
+def test_too_little_training_data_is_an_error_not_a_silent_success(data, tmp_path, monkeypatch, capsys):
     """10 rows with batches of 16 and drop_last: no batch at all."""
-    result = adalabel(["fit", "--config", "yahoo", "--data.root", str(data / "yahoo_answers_csv"),
-                       "--data.num_buckets", "4096", "--model.num_buckets", "4096", "--data.num_workers", "0",
-                       "--data.batch_size", "16", "--trainer.accelerator", "cpu"], tmp_path)
-    assert result.returncode == 1
-    assert error_line(result) == (
+    status, line = adalabel_in_process(
+        ["fit", "--config", "yahoo", "--data.root", str(data / "yahoo_answers_csv"), "--data.num_buckets", "4096",
+         "--model.num_buckets", "4096", "--data.num_workers", "0", "--data.batch_size", "16",
+         "--trainer.accelerator", "cpu"], tmp_path, monkeypatch, capsys,
+    )
+    assert status == 1
+    assert line == (
         f"adalabel: error: No training batch: the training set in {data / 'yahoo_answers_csv'} has 10 samples,"
         " fewer than one batch of 16, and the incomplete batch is dropped (drop_last), so nothing was trained and no"
         " checkpoint written. Pass --data.batch_size 10 or less, or give more training data."

@@ -225,11 +225,11 @@ def test_malformed_csv_files_are_refused_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_non_utf8_csv_exits_1_with_one_line(tmp_path):
+def test_non_utf8_csv_exits_1_with_one_line(tmp_path, capsys):
     root = tmp_path / "data"
     write_csv(root / "train.csv", valid_rows(), encoding="cp1252")
     write_csv(root / "test.csv", [["1", "Crème brûlée", "déjà vu"]], encoding="cp1252")
-    line = assert_one_line_error(adalabel(["test", *text_args(root, tmp_path)], cwd=tmp_path))
+    line = cli_error(capsys, ["test", *text_args(root, tmp_path)])
     assert line == (
         f"adalabel: error: {root / 'test.csv'}, line 1: not UTF-8 text (byte 0xe8, the 8th of the line). Save the"
         " file as UTF-8 (e.g. `iconv -f cp1252 -t utf-8 old.csv > new.csv`)."
@@ -271,13 +271,12 @@ def test_class_folders_without_images_are_refused_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_own_cifar_files_with_the_integrity_check_exit_1_with_one_line(tmp_path):
+def test_own_cifar_files_with_the_integrity_check_exit_1_with_one_line(tmp_path, capsys):
     write_cifar10(tmp_path / "data")
-    result = adalabel([
+    line = cli_error(capsys, [
         "fit", "--config", "cifar10", *quick_trainer_args(tmp_path), "--data.root", str(tmp_path / "data"),
         "--data.num_workers", "0",
-    ], cwd=tmp_path)
-    line = assert_one_line_error(result)
+    ])
     assert line == (
         f"adalabel: error: {tmp_path / 'data' / 'cifar-10-batches-py' / 'data_batch_1'} is not the file of the official"
         " CIFAR10 release (its MD5 is not c99cafc152244af753f735de768cd75f). If you wrote the files yourself in the"
