@@ -67,13 +67,6 @@ def adalabel_in_process(args: List[str], cwd: Path, monkeypatch, capsys) -> Tupl
     return status, (err.splitlines() or [""])[-1]
 
 
-def error_line(result: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
-    line = result.stderr.splitlines()[-1]
-    assert line.startswith("adalabel: error: "), result.stderr[-3000:]
-    return line
-
-
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
