@@ -45,6 +45,7 @@ def unshuffled(x: Tensor, y: Tensor, batch_size: int = 250) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
+@pytest.mark.slow  # the digits fixture trains a CNN for 5 epochs (10 s on 2 cores)
 def test_one_alr_run_ranks_the_flipped_digits_labels_first(digits):
     trainer, model, x, given, clean = digits
     found = find_label_issues(model, unshuffled(x, given), trainer)
@@ -62,6 +63,7 @@ def test_one_alr_run_ranks_the_flipped_digits_labels_first(digits):
     assert found.probabilities is None  # O(N) unless asked for
 
 
+@pytest.mark.slow  # the digits fixture
 def test_scores_are_the_models_probabilities_of_the_given_labels(digits, tmp_path):
     trainer, model, x, given, _ = digits
     found = find_label_issues(model, unshuffled(x[:100], given[:100], batch_size=32), trainer,
@@ -194,6 +196,7 @@ def test_the_benchmark_runs_and_tabulates_at_toy_size(tmp_path):
     assert "| cleanlab's recipe: CE, out-of-sample | 2 | 1 |" in result.stdout
 
 
+@pytest.mark.slow  # the digits fixture
 def test_the_top_suspects_reach_tensorboard_or_a_csv_file(digits, tmp_path):
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
