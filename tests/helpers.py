@@ -1,5 +1,6 @@
 """Small models and data shared by the tests: real modules, real loaders, nothing mocked."""
 
+import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import lightning as L
@@ -39,6 +40,13 @@ class StepRecorder(TinyClassifier):
         loss = self.adalabel_loss(logits, y)
         self.records.append((self.current_epoch, logits.detach().clone(), y, loss.detach()))
         return loss
+
+
+def launch_env() -> Dict[str, str]:
+    """This process's environment without what an earlier in-process DDP run left in it (a port that may still be
+    taken, ranks): a launched script picks its own."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 
 
 def make_loader(

@@ -1,10 +1,10 @@
 """AdaLabel under real 2-process CPU DDP (gloo), compared with a single-process run that sees the same global batches.
 
-The DDP run is ``tests/scripts/ddp_adalabel.py`` launched once per module in a subprocess (Lightning re-executes it
-for rank 1); the single-process references run here, in-process, through the same ``run_config``.
+The DDP runs are ``tests/scripts/ddp_adalabel.py``'s configs in the session's one DDP launch (``ddp_launch.py``, in a
+subprocess; Lightning re-executes it for rank 1); the single-process references run here, in-process, through the
+same ``run_config``.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,33 +14,20 @@ import pytest
 import torch
 
 from tests.scripts.ddp_adalabel import CONFIGS, GLOBAL_BATCH, MAX_EPOCHS, NUM_CLASSES, NUM_SAMPLES, run_config
+from tests.helpers import launch_env
 
 # Every test here launches 2 DDP processes (or reads what one launch recorded).
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_adalabel.py"
 ACCUMULATOR_SHAPE = (NUM_CLASSES * (NUM_CLASSES + 4),)  # K x 4 tallies and K x K sums, flat (label_matrix.py)
 STEPS_PER_EPOCH = NUM_SAMPLES // GLOBAL_BATCH
 
 
-def launch_env() -> Dict[str, str]:
-    """This process's environment without what an earlier in-process DDP run left in it (a port that may still be
-    taken, ranks): the launched script picks its own."""
-    return {key: value for key, value in os.environ.items()
-            if key not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-
-
 @pytest.fixture(scope="module")
-def ddp_records(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, list]:
-    """``{config: [rank 0 record, rank 1 record]}`` from one 2-process DDP launch of every config."""
-    out = tmp_path_factory.mktemp("ddp")
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out)], cwd=SCRIPT.parents[2], env=launch_env(), capture_output=True,
-        text=True, timeout=300,
-    )
-    assert result.returncode == 0, f"DDP script failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+def ddp_records(ddp_launch: Path) -> Dict[str, list]:
+    """``{config: [rank 0 record, rank 1 record]}`` from the session's 2-process DDP launch (``ddp_launch.py``)."""
     return {
-        name: [torch.load(out / f"{name}-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+        name: [torch.load(ddp_launch / f"dense-{name}-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
         for name in CONFIGS
     }
 

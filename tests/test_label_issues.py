@@ -17,9 +17,7 @@ from lightning_adalabel import AdaLabel, AdaLabelMixin, find_label_issues
 from lightning_adalabel.examples.demo import DigitsCNN, load_digits_split
 from lightning_adalabel.label_issues import LabelIssues
 from tests.helpers import TinyClassifier, learned_matrix, make_loader, trainer_kwargs
-from tests.test_ddp import launch_env
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_label_issues.py"
 NOISE, EPOCHS = 0.3, 5
 # Bounds for the fixture's run (digits, 30% of the labels flipped y -> y + 1, ALR, 5 epochs), measured with its
 # settings on seeds 0-4: AUROC 0.949-0.977; the default cut-off's precision 0.783-0.894 and recall 0.917-0.977; the
@@ -160,16 +158,14 @@ def test_inputs_it_cannot_use_get_a_one_line_error(model: Any, loader: Any, matc
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_rank_as_one_process(tmp_path):
+def test_two_ddp_processes_rank_as_one_process(ddp_launch):
+    """``ddp_label_issues.run`` in the session's 2-process DDP launch (``ddp_launch.py``) against one process."""
     from tests.scripts.ddp_label_issues import NUM_SAMPLES, run
 
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], cwd=SCRIPT.parents[2], env=launch_env(),
-                            capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, f"DDP script failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     single = run(devices=1)
     assert single["index"].tolist() == list(range(NUM_SAMPLES))
     for rank in (0, 1):
-        ddp = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        ddp = torch.load(ddp_launch / f"label_issues-find-rank{rank}.pt", weights_only=False)
         assert set(ddp) == set(single)
         for name, value in single.items():
             if name == "score" or name == "probabilities":

@@ -3,8 +3,6 @@ process, real checkpoints resumed, and what is logged at large K."""
 
 import csv
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict
 
@@ -17,11 +15,9 @@ from lightning_adalabel.label_matrix_logging import MAX_HEATMAP_CLASSES
 from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
 from tests.helpers import TinyClassifier, fit, make_loader
 from tests.scripts.ddp_sparse_adalabel import CONFIGS, run_config
-from tests.test_ddp import launch_env
 from tests.test_resume import MomentumClassifier
 from tests.test_resume import fit as resumable_fit
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_sparse_adalabel.py"
 
 
 @pytest.mark.parametrize("settings", [dict(preset="alr", samples="all"), dict(preset="ols"),
@@ -67,12 +63,9 @@ def test_small_top_k_keeps_k_entries_per_row_and_trains():
 # ---- distributed -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ddp_records(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, list]:
-    out = tmp_path_factory.mktemp("ddp_sparse")
-    result = subprocess.run([sys.executable, str(SCRIPT), str(out)], cwd=SCRIPT.parents[2], env=launch_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"DDP script failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return {name: [torch.load(out / f"{name}-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+def ddp_records(ddp_launch: Path) -> Dict[str, list]:
+    """``{config: [rank 0 record, rank 1 record]}`` from the session's 2-process DDP launch (``ddp_launch.py``)."""
+    return {name: [torch.load(ddp_launch / f"sparse-{name}-rank{rank}.pt", weights_only=False) for rank in (0, 1)]
             for name in CONFIGS}
 
 

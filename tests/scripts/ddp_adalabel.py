@@ -1,19 +1,15 @@
 """Train the same AdaLabel runs in one process or in a 2-process CPU DDP run and save what every rank saw.
 
-Run by ``tests/test_ddp.py``:
-
-    python tests/scripts/ddp_adalabel.py OUT_DIR          # DDP: Lightning re-executes this script for rank 1
-
-and imported by it for the single-process reference (:func:`run_config` with ``devices=1``).
+Run in 2 processes by ``ddp_launch.py`` (the suite's one DDP launch), and imported by ``tests/test_ddp.py`` for the
+single-process reference (:func:`run_config` with ``devices=1``).
 
 The data never change and are never shuffled, so an unshuffled ``DistributedSampler`` gives rank r the samples r,
 r + 2, ...: with a per-rank batch of ``GLOBAL_BATCH // 2`` the two ranks together see exactly the single-process batch
-``GLOBAL_BATCH``. Every run writes ``OUT_DIR/<config>-rank<r>.pt`` with, for every refresh: Q after it, the local
+``GLOBAL_BATCH``. Every run records, for every refresh: Q after it, the local
 accumulator before it, ``global_step``, ``batch_idx``, and how many times the strategy reduced (inside and outside
 refreshes); plus what the DDP-wrapped module holds as buffers and state.
 """
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -144,17 +140,3 @@ def run_config(name: str, devices: int) -> Dict[str, Any]:
         matrix=callback.engine.matrix.clone(),
         weight=model.net.weight.detach().clone(),
     )
-
-
-def main(out_dir: str) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in CONFIGS:  # every rank runs every config, in the same order, so their collectives match
-        record = run_config(name, devices=2)
-        torch.save(record, out / f"{name}-rank{record['rank']}.pt")
-    torch.distributed.barrier()  # rank 0 (the launcher) returns only once rank 1 has written its files too
-    print(f"rank {os.environ.get('LOCAL_RANK', '0')} done")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])

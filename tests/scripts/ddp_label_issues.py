@@ -1,9 +1,7 @@
 """``find_label_issues`` in a 2-process CPU DDP predict pass, for ``tests/test_label_issues.py`` to compare with one
-process.
+process: run in 2 processes by ``ddp_launch.py`` (the suite's one DDP launch), in this process by the test.
 
-    python tests/scripts/ddp_label_issues.py OUT_DIR      # Lightning re-executes this script for rank 1
-
-Each rank writes ``OUT_DIR/rank<r>.pt``: the fields of the :class:`LabelIssues` it returned. The data set has an odd
+Each rank records the fields of the :class:`LabelIssues` it returned. The data set has an odd
 number of samples and batches of 4, so the two shards differ in length and the last batches are short.
 """
 
@@ -31,10 +29,3 @@ def run(devices: int) -> Dict[str, Any]:
     strategy = {"strategy": "ddp"} if devices > 1 else {}
     trainer = L.Trainer(**trainer_kwargs(devices=devices, **strategy))
     return asdict(find_label_issues(model, loader, trainer, keep_probabilities=True))
-
-
-if __name__ == "__main__":
-    result = run(devices=2)
-    out = Path(sys.argv[1])
-    rank = torch.distributed.get_rank()
-    torch.save(result, out / f"rank{rank}.pt")

@@ -1,14 +1,10 @@
 """Train AdaLabel(top_k=...) runs in one process or in a 2-process CPU DDP run and save what every rank saw.
 
-Run by ``tests/test_sparse_training.py``:
-
-    python tests/scripts/ddp_sparse_adalabel.py OUT_DIR   # DDP: Lightning re-executes this script for rank 1
-
-and imported by it for the single-process reference (:func:`run_config` with ``devices=1``). The data, the sharding
+Run in 2 processes by ``ddp_launch.py`` (the suite's one DDP launch), and imported by ``tests/test_sparse_training.py``
+for the single-process reference (:func:`run_config` with ``devices=1``). The data, the sharding
 and the strategy are those of ``ddp_adalabel.py``: the two ranks together see exactly the single-process batches.
 """
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -88,17 +84,3 @@ def run_config(name: str, devices: int) -> Dict[str, Any]:
         matrix=callback.engine.to_dense(),
         weight=model.net.weight.detach().clone(),
     )
-
-
-def main(out_dir: str) -> None:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in CONFIGS:  # every rank runs every config, in the same order, so their collectives match
-        record = run_config(name, devices=2)
-        torch.save(record, out / f"{name}-rank{record['rank']}.pt")
-    torch.distributed.barrier()
-    print(f"rank {os.environ.get('LOCAL_RANK', '0')} done")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
