@@ -7,8 +7,8 @@ so that DDP, precision and devices come from the Trainer:
 
 - per batch, on the device and without a host sync, each position's score (the probability of its given label), its
   most probable class and its validity (torch's cross-entropy layouts and ``ignore_index``, as in the loss);
-- at the end, one gather across processes; then the cut-off (:data:`CUT_OFFS`) and the ranking, the same on every
-  rank.
+- at the end, the results gathered across processes (once: the lengths, then one all-gather per column); then the
+  cut-off (:data:`CUT_OFFS`) and the ranking, the same on every rank.
 
 Host memory is ``O(N)`` (a few numbers per sample); the ``N x K`` probabilities are kept only on request
 (``keep_probabilities=True``, or ``cut_off="cleanlab"``, which needs them).
