@@ -2,7 +2,6 @@
 command's CSV (every row of train.csv, most suspect first), each as a real process on generated files."""
 
 import csv
-from pathlib import Path
 
 import pytest
 import torch
