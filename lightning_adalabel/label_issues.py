@@ -208,9 +208,9 @@ def find_label_issues(
     found = collector.result
     if found is None:
         raise ValueError("find_label_issues saw no batch: the loader is empty (or limit_predict_batches is 0).")
-    num_invalid = int(found.pop("invalid").sum())
+    num_invalid, num_classes = int(found.pop("invalid").sum()), found.pop("num_classes")
     if num_invalid:
-        raise ValueError(invalid_targets_message(num_invalid, None, False, int(found.pop("num_classes")), ignore_index))
+        raise ValueError(invalid_targets_message(num_invalid, None, False, num_classes, ignore_index))
     issues = _label_issues(found, cut_off)
     if log_top:
         log_top_suspects(trainer, issues, log_top)
@@ -276,7 +276,8 @@ class _Collector(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.keep_probabilities = keep_probabilities
         self.parts: Dict[str, List[Tensor]] = {}
-        self.result: Optional[Dict[str, Tensor]] = None
+        self.num_classes = 0
+        self.result: Optional[Dict[str, Any]] = None
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.parts, self.result = {}, None
@@ -287,15 +288,15 @@ class _Collector(BasePredictionWriter):
     ) -> None:
         if batch_indices is None:
             raise ValueError("find_label_issues could not tell which samples a batch holds: pass a torch DataLoader.")
-        device = prediction["score"].device
         samples = len(batch_indices)
         per_sample = len(prediction["score"]) // samples  # positions per sample (token layouts), from shapes alone
-        index = torch.as_tensor(list(batch_indices), dtype=torch.long).to(device, non_blocking=True)
+        self.num_classes = prediction["probabilities"].shape[1]
+        # The indices come from the sampler, on the host, and stay there: no copy to the device per batch.
+        index = torch.as_tensor(list(batch_indices), dtype=torch.long)
         columns = dict(prediction, index=index.repeat_interleave(per_sample),
-                       position=torch.arange(per_sample, device=device).repeat(samples))
+                       position=torch.arange(per_sample).repeat(samples))
         if not self.keep_probabilities:
             columns.pop("probabilities")
-        columns["num_classes"] = torch.tensor([prediction["probabilities"].shape[1]], device=device)
         for name, value in columns.items():
             self.parts.setdefault(name, []).append(value)
 
@@ -309,7 +310,6 @@ class _Collector(BasePredictionWriter):
             return
         invalid = gathered.pop("invalid")
         valid = gathered.pop("valid")
-        num_classes = gathered.pop("num_classes")
         result = {name: value[valid] for name, value in gathered.items()}
         # One entry per (index, position), in the data set's order; a sampler that pads (DistributedSampler) repeats
         # a few samples: keep one of each.
@@ -319,12 +319,12 @@ class _Collector(BasePredictionWriter):
         keep = torch.ones_like(key, dtype=torch.bool)
         keep[1:] = key[1:] != key[:-1]
         self.result = {name: value[order][keep] for name, value in result.items()}
-        self.result["invalid"], self.result["num_classes"] = invalid, num_classes.max()
+        self.result["invalid"], self.result["num_classes"] = invalid, self.num_classes
 
 
 def _gather(strategy: Any, local: Dict[str, Tensor], device: torch.device) -> Optional[Dict[str, Tensor]]:
-    """Every process's entries, concatenated on the CPU (one host read of the lengths, then one all-gather per
-    column; ranks with no batch take part with empty columns)."""
+    """Every process's entries, concatenated on the CPU: one host read of the lengths, then one all-gather per column
+    (padded to the longest; on ``device``, which NCCL needs)."""
     length = len(local["score"]) if local.get("score") is not None else 0
     if strategy.world_size == 1:
         return None if not length else {name: value.cpu() for name, value in local.items()}
@@ -338,7 +338,7 @@ def _gather(strategy: Any, local: Dict[str, Tensor], device: torch.device) -> Op
         )
     gathered: Dict[str, Tensor] = {}
     for name, value in local.items():
-        if name in ("invalid", "num_classes"):
+        if name == "invalid":
             gathered[name] = strategy.all_gather(value).reshape(-1).cpu()
             continue
         # gloo gathers no bool tensors: flags travel as bytes.
