@@ -38,8 +38,12 @@ def compiled(function: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def _cannot_compile(error: BaseException) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first_line = _first_line(error)
     return (
         f"AdaLabel(compile_loss=True) could not torch.compile the loss on this machine: {first_line}. torch.compile"
         " needs a C++ compiler for the CPU (e.g. g++) and Triton for a GPU; install them, or use compile_loss=False"
@@ -48,7 +52,7 @@ def _cannot_compile(error: BaseException) -> str:
 
 
 def _cannot_trace(error: BaseException) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    first_line = _first_line(error)
     return (
         f"AdaLabel(compile_loss=True): torch {torch.__version__}'s torch.compile cannot trace the loss as one graph"
         f" ({first_line}). compile_loss=True is tested with torch 2.14; upgrade torch, or use compile_loss=False"

@@ -370,7 +370,6 @@ def _label_issues(found: Dict[str, Tensor], cut_off: str) -> LabelIssues:
     )
 
 
-
 SUSPECT_COLUMNS = ("index", "position", "given", "suggested", "score")
 
 

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_adalabel import AdaLabel
 from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
-from tests.helpers import StepRecorder, TinyClassifier, fit, make_loader, trainer_kwargs
+from tests.helpers import StepRecorder, TinyClassifier, fit, launch_env, make_loader, trainer_kwargs
 from tests.test_resume import MomentumClassifier, ResumableLoader, assert_same_run
 
 K = 5
@@ -543,8 +543,7 @@ print("handed back")
 def test_ddp_notebook_hands_the_learned_q_back():
     # ddp_notebook forks. A fork of this pytest process, whose earlier tests have started torch's and gloo's threads,
     # can deadlock in the child (it did in CI); a notebook forks a fresh kernel, as this fresh interpreter is.
-    environment = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "MASTER_ADDR")}
-    result = subprocess.run([sys.executable, "-c", DDP_NOTEBOOK], cwd=Path(__file__).parents[1], env=environment,
+    result = subprocess.run([sys.executable, "-c", DDP_NOTEBOOK], cwd=Path(__file__).parents[1], env=launch_env(),
                             capture_output=True, text=True, timeout=180)
     assert result.returncode == 0 and "handed back" in result.stdout, result.stderr[-4000:]
 
