@@ -3,7 +3,8 @@
 The public API: :class:`AdaLabel` (the callback), :class:`AdaLabelMixin` (the loss swap), :class:`Preset` and
 :data:`PRESETS` (the methods), and the label matrix's input and output (:func:`save_label_matrix`,
 :func:`load_label_matrix`, :func:`plot_label_matrix`, :func:`top_correlated_pairs`), and the training samples whose
-labels are probably wrong (:func:`find_label_issues`, :class:`LabelIssues`). The engines are imported from
+labels are probably wrong (:func:`find_label_issues`, :class:`LabelIssues`, and :class:`IndexedDataset`, whose
+indices let the callback average each sample's margin over training). The engines are imported from
 their modules (:mod:`lightning_adalabel.label_matrix`, :mod:`lightning_adalabel.sparse_label_matrix`), the functional
 losses from :mod:`lightning_adalabel.losses`.
 """
@@ -12,6 +13,7 @@ import importlib
 from typing import Any
 
 from lightning_adalabel.callback import AdaLabel
+from lightning_adalabel.indexed_dataset import IndexedDataset
 from lightning_adalabel.label_issues import LabelIssues, find_label_issues
 from lightning_adalabel.label_matrix_io import load_label_matrix, save_label_matrix
 from lightning_adalabel.module import AdaLabelMixin
@@ -24,6 +26,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
     "AdaLabel",
     "AdaLabelMixin",
+    "IndexedDataset",
     "LabelIssues",
     "PRESETS",
     "Preset",

@@ -29,6 +29,7 @@ from lightning_adalabel.module import AdaLabelMixin
 from lightning_adalabel.presets import PRESETS, Preset, resolve_preset
 from lightning_adalabel.state_versions import CALLBACK_STATE_VERSION, read_callback_state
 from lightning_adalabel.statistics import statistic_totals
+from lightning_adalabel.training_margins import BatchMargins, TrainingMargins, batch_margins
 from lightning_adalabel.validation import (
     REDUCTIONS,
     check_bool,
@@ -100,6 +101,9 @@ class AdaLabel(pl.Callback):
             compiler on the CPU, Triton on a GPU): the same values, for a compilation of seconds on the first batch.
             It pays where the eager cost is the number of operations, not their arithmetic (measured in
             ``docs/benchmarks.md``). See :mod:`lightning_adalabel.compiled_loss`.
+        num_training_samples: the size of the training set, for :attr:`training_margins` when the training step
+            passes sample indices (``adalabel_loss(logits, y, index=index)``); ``None`` (default): the length of the
+            training loader's data set. Needed only for a data set without a length (an ``IterableDataset``).
 
     Example::
 
@@ -130,6 +134,7 @@ class AdaLabel(pl.Callback):
         top_pairs: int = 10,
         top_k: Optional[int] = None,
         compile_loss: bool = False,
+        num_training_samples: Optional[int] = None,
     ) -> None:
         check_int("num_classes", num_classes, minimum=2, allow_none=True, hint=" (None: inferred from the logits)")
         check_int("refresh_every_n_steps", refresh_every_n_steps, minimum=1, allow_none=True,
@@ -139,6 +144,8 @@ class AdaLabel(pl.Callback):
         check_bool("compile_loss", compile_loss)
         check_int("top_pairs", top_pairs, minimum=0)
         check_int("top_k", top_k, minimum=1, allow_none=True, hint=" (None: the dense K x K label matrix)")
+        check_int("num_training_samples", num_training_samples, minimum=1, allow_none=True,
+                  hint=" (None: the length of the training data set)")
         _arg_validation(ignore_index, "mean")
         overrides = dict(alpha=alpha, samples=samples, estimator=estimator, momentum=momentum, loss=loss,
                          include_diagonal=include_diagonal, prior=prior, prior_strength=prior_strength, start=start,
@@ -156,6 +163,11 @@ class AdaLabel(pl.Callback):
         check_class_names(self.class_names, self.num_classes)
         self.top_pairs = top_pairs
         self._engine: Optional[LabelMatrixEngine] = None
+        self.num_training_samples = num_training_samples
+        # Like Q, the margins are what the callback learned: they persist across fits (and checkpoints).
+        self._margins: Optional[TrainingMargins] = None
+        self._margins_restored = False
+        self._margins_epoch_open = False  # margins added since the last epoch's end
         self._in_training_step = False
         self._stage: Optional[str] = None
         self._start_fit()
@@ -181,6 +193,7 @@ class AdaLabel(pl.Callback):
         """Per-fit state: every fit starts with empty statistics and its own refresh schedule (a checkpoint that is
         resumed from restores them after this, in ``load_state_dict``)."""
         self._pending: List[Any] = []  # the statistics of this step's losses, for the engine to add
+        self._pending_margins: List[BatchMargins] = []  # and their margins, when the step passed indices
         self._first_batch_checked = False
         self._loss_seen_in_training = False
         self._loss_seen_without_grad = False
@@ -203,6 +216,16 @@ class AdaLabel(pl.Callback):
         self._engine = value
 
     @property
+    def training_margins(self) -> Optional[TrainingMargins]:
+        """Each training sample's logit margin summed over the run
+        (:class:`~lightning_adalabel.training_margins.TrainingMargins`; ``training_margins.mean()`` is the average),
+        which :func:`~lightning_adalabel.find_label_issues` ranks by. ``None`` unless the training steps passed the
+        samples' indices: ``self.adalabel_loss(logits, y, index=index)``, or the mixin's default ``training_step``
+        on ``(x, y, index)`` batches (:class:`~lightning_adalabel.IndexedDataset`)."""
+        self._collect_spawned_state()
+        return self._margins
+
+    @property
     def label_matrix(self) -> Optional[LabelMatrixEngine]:
         """Deprecated name of :attr:`engine`."""
         warn_deprecated("AdaLabel.label_matrix", "AdaLabel.engine (and engine.to_dense() for Q)")
@@ -210,10 +233,14 @@ class AdaLabel(pl.Callback):
 
     # ---- the loss side, called by AdaLabelMixin.adalabel_loss -------------------------------------------------
 
-    def loss(self, pl_module: "pl.LightningModule", logits: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
-        """The configured loss for a batch; during training, the batch is also queued for the statistics."""
+    def loss(self, pl_module: "pl.LightningModule", logits: Tensor, target: Tensor, reduction: str = "mean",
+             index: Optional[Tensor] = None) -> Tensor:
+        """The configured loss for a batch; during training, the batch is also queued for the statistics (and, with
+        the samples' ``index``, for the training margins)."""
         check_choice("reduction", reduction, REDUCTIONS)  # ignore_index was checked once, in __init__
         engine = self._engine_for(logits, target)
+        if index is not None:
+            _check_index(index, logits, target)
         # A training loss is one computed in the Trainer's training step, with gradients on (a loss under no_grad is
         # not trained on): the Trainer's state, not `pl_module.training`, which a module in eval mode (linear
         # probing, frozen BatchNorm) turns off while it trains. Each call counts (two heads: two samples a position).
@@ -231,7 +258,26 @@ class AdaLabel(pl.Callback):
             logits, target, self.ignore_index, self.preset.loss, self.preset.alpha, reduction
         )
         self._pending.append(statistics)
+        if index is not None:
+            margins = self._margins_for(pl_module, logits.device)
+            self._pending_margins.append(batch_margins(logits, target, index, margins.num_samples, self.ignore_index))
         return value
+
+    def _margins_for(self, pl_module: "pl.LightningModule", device: torch.device) -> TrainingMargins:
+        num_samples = self.num_training_samples or _training_set_size(pl_module.trainer)
+        margins = self._margins
+        if margins is not None and margins.num_samples != num_samples:
+            rank_zero_warn(
+                f"AdaLabel's training margins were kept for {margins.num_samples} samples, but this fit's training set"
+                f" has {num_samples}: they start again for the new set."
+            )
+            margins = None
+        if margins is None:
+            with torch.inference_mode(False):
+                margins = self._margins = TrainingMargins(num_samples, device)
+        elif margins.device != device:  # restored from a checkpoint, on the CPU
+            margins.to(device)
+        return margins
 
     def _check_first_batch(self, logits: Tensor, target: Tensor) -> None:
         """Invalid targets are refused at once (later ones at the next refresh); NaN or +inf logits are told at once
@@ -311,6 +357,11 @@ class AdaLabel(pl.Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._margins_restored and trainer.global_rank != 0:
+            # A checkpoint holds rank 0's sums of an unfinished epoch; every process restored them, but they are
+            # rank 0's to add at the epoch's end (the other processes' were not saved).
+            self._margins.drop_open_epoch()  # type: ignore[union-attr]
+        self._margins_restored = False
         # Here, not at fit start: the training data are loaded by now (asking earlier would load them out of
         # Lightning's order, before a resumed loader's state is restored).
         every = self.refresh_every_n_steps
@@ -351,9 +402,12 @@ class AdaLabel(pl.Callback):
         # batch index, not the epoch number: a job resumed in mid-epoch may carry on under the next epoch's number.
         if self._statistics_epoch is not None and batch_idx == 0:
             self._refresh(trainer, pl_module)
+        if self._margins is not None and self._margins_epoch_open and batch_idx == 0:
+            self._end_margins_epoch(trainer)
         # Only the losses of a training step are added, at its end: not those of a step that never ended, nor those
         # computed while this callback's hooks were off (the tuner's trial steps).
         self._pending = []
+        self._pending_margins = []
         self._in_training_step = True
 
     @override
@@ -370,6 +424,10 @@ class AdaLabel(pl.Callback):
             raise RuntimeError(self._no_adalabel_loss_message(pl_module))
         for statistics in pending:  # one entry per adalabel_loss call of this step, usually one
             self._engine.add(statistics)  # type: ignore[union-attr]
+        pending_margins, self._pending_margins = self._pending_margins, []
+        for margins in pending_margins:
+            self._margins.add(margins)  # type: ignore[union-attr]
+            self._margins_epoch_open = True
         if self.refresh_every_n_steps is None:
             self._statistics_epoch = trainer.current_epoch
         else:
@@ -385,8 +443,16 @@ class AdaLabel(pl.Callback):
         # Lightning calls this hook also when max_steps, max_time or `should_stop` end a fit in mid-epoch. An epoch
         # cut short is not over: its statistics wait (and are checkpointed) for its real end, so that a job resumed
         # from here refreshes where the uninterrupted run does.
-        if self.refresh_every_n_steps is None and _ran_to_the_end_of_its_data(trainer):
+        if not _ran_to_the_end_of_its_data(trainer):
+            return
+        if self._margins is not None and self._margins_epoch_open:
+            self._end_margins_epoch(trainer)
+        if self.refresh_every_n_steps is None:
             self._refresh(trainer, pl_module)
+
+    def _end_margins_epoch(self, trainer: "pl.Trainer") -> None:
+        self._margins_epoch_open = False
+        self._margins.end_epoch(StrategyCollective(trainer.strategy))  # type: ignore[union-attr]
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -394,6 +460,7 @@ class AdaLabel(pl.Callback):
         # handler of this exception) holds the state after the last step that did.
         self._in_training_step = False
         self._pending = []
+        self._pending_margins = []
 
     def _no_adalabel_loss_message(self, pl_module: "pl.LightningModule") -> str:
         if self._loss_seen_without_grad:
@@ -421,7 +488,7 @@ class AdaLabel(pl.Callback):
             # Training steps ran (a refresh is only due after one) and none called adalabel_loss, e.g. every step
             # returned None or optimised manually with another loss.
             raise RuntimeError(self._no_adalabel_loss_message(pl_module))
-        tallies = engine.refresh(_StrategyCollective(trainer.strategy))
+        tallies = engine.refresh(StrategyCollective(trainer.strategy))
         entropy = engine.mean_entropy()
         counted, seen, nonfinite, invalid = statistic_totals(tallies)
         # One host sync per refresh, never per batch. Every rank reads the same all-reduced totals, so every rank
@@ -464,6 +531,8 @@ class AdaLabel(pl.Callback):
             "last_refresh_step": self._last_refresh_step,
             "statistics_epoch": self._statistics_epoch,
             "top_k": self.top_k,
+            "training_margins": None if self._margins is None else {
+                **self._margins.state_dict(), "epoch_open": self._margins_epoch_open},
         }
 
     @override
@@ -488,9 +557,19 @@ class AdaLabel(pl.Callback):
             with torch.inference_mode(False):  # restored by validate/test too: training adds to these tensors
                 restored = self._new_engine(num_classes, device)
                 restored.load_state_dict(engine_state)  # validates shapes and values before anything is replaced
+        margins_state = saved["training_margins"]
+        if margins_state is not None:
+            device = self._margins.device if self._margins is not None else torch.device("cpu")
+            with torch.inference_mode(False):
+                margins = TrainingMargins.from_state_dict(margins_state, device)  # validated, like the engine
         self._engine = None if engine_state is None else restored
         self._last_refresh_step = saved["last_refresh_step"]
         self._statistics_epoch = saved["statistics_epoch"]
+        if margins_state is not None:
+            self._margins = margins
+            self._margins_epoch_open = bool(margins_state.get("epoch_open", False))
+            self._margins_restored = True
+        self._pending_margins = []
         # Restored mid-fit (the tuner's finders roll the run back after their trial steps, with this callback
         # switched off): what those steps queued or checked belongs to steps that no longer happened.
         self._pending = []
@@ -538,6 +617,7 @@ class AdaLabel(pl.Callback):
         self._collect_spawned_state()
         state = self.__dict__.copy()
         state["_pending"] = []  # batches of an unfinished step are not state
+        state["_pending_margins"] = []
         state["_in_training_step"] = False
         return state
 
@@ -546,6 +626,9 @@ class AdaLabel(pl.Callback):
         self.__dict__.setdefault("_in_training_step", False)  # pickled before these existed
         self.__dict__.setdefault("_loss_seen_without_grad", False)
         self.__dict__.setdefault("_stage", None)
+        for name, value in (("_margins", None), ("_margins_restored", False), ("_margins_epoch_open", False),
+                            ("_pending_margins", []), ("num_training_samples", None)):
+            self.__dict__.setdefault(name, value)
         # Unpickled in the process that owns the original, this is a copy (copy.deepcopy, a sweep's clones), not the
         # callback of a ddp_spawn child: it hands its state over through a file of its own.
         hand_over = self.__dict__.get("_hand_over")
@@ -553,7 +636,7 @@ class AdaLabel(pl.Callback):
             self._hand_over = HandOverFile()
 
 
-class _StrategyCollective:
+class StrategyCollective:
     """The refresh's :class:`~lightning_adalabel.engine.Collective` through the Trainer's strategy (DDP, FSDP, a
     single device, ...): each engine calls one of these once per refresh."""
 
@@ -575,6 +658,42 @@ def _resolve(preset: Union[str, Preset], overrides: Dict[str, Any]) -> Tuple[str
         return name, replace(preset, **{key: value for key, value in overrides.items() if value is not None})
     check_choice("preset", preset, PresetName.__args__)  # type: ignore[attr-defined]
     return preset, resolve_preset(preset, **overrides)
+
+
+def _check_index(index: Tensor, logits: Tensor, target: Tensor) -> None:
+    """``adalabel_loss(..., index=)``: one int index per sample of a batch of ``(N, K)`` logits and ``(N,)`` class
+    targets (shapes and dtypes only: free)."""
+    if not isinstance(index, Tensor) or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        kind = getattr(index, "dtype", type(index).__name__)
+        raise ValueError(f"adalabel_loss(index=...) takes the samples' indices as an integer tensor, got {kind}.")
+    if target.is_floating_point() or logits.ndim != 2:
+        layout = "probability targets (MixUp, CutMix)" if target.is_floating_point() else \
+            f"logits of shape {tuple(logits.shape)} (a token layout)"
+        raise ValueError(
+            f"adalabel_loss(index=...) tracks each sample's margin for its given label, which needs (N, K) logits and"
+            f" (N,) class-index targets; this batch has {layout}. Leave `index` out for such batches (the margins are"
+            " averaged over the steps that passed it); find_label_issues then ranks by the trained model alone."
+        )
+    if tuple(index.shape) != (target.shape[0],):
+        raise ValueError(
+            f"adalabel_loss(index=...) needs one index per sample: shape ({target.shape[0]},), got"
+            f" {tuple(index.shape)}."
+        )
+
+
+def _training_set_size(trainer: "pl.Trainer") -> int:
+    """The length of the training loader's data set (under DDP: the whole set, which the sampler shards)."""
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        source = f"a {type(loader).__name__}" + (f" over a {type(dataset).__name__}" if dataset is not None else "")
+        raise ValueError(
+            f"adalabel_loss(index=...) keeps a margin per training sample, but the size of the training set is not"
+            f" known ({source}, without a length). Pass AdaLabel(num_training_samples=...), the number of training"
+            " samples."
+        ) from None
 
 
 def _ran_to_the_end_of_its_data(trainer: "pl.Trainer") -> bool:

@@ -2,8 +2,12 @@
 
 A model trained with ALR memorises flipped labels much less than one trained with plain cross-entropy, so its own
 probability of each training sample's *given* label, ``p(y_given | x)`` on the training set, ranks the wrong labels
-well (docs/benchmarks.md, "Finding the wrong labels"). This module runs that pass through Lightning's predict loop,
-so that DDP, precision and devices come from the Trainer:
+well. Better still is each sample's logit margin averaged over the whole run, which the callback keeps when the
+training steps pass the samples' indices (:class:`~lightning_adalabel.IndexedDataset`,
+:mod:`lightning_adalabel.training_margins`): a wrong label spends most of the run with a negative margin even where
+the last epochs memorised it. Where the run kept them, the ranking and the default cut-off use these margins
+(docs/benchmarks.md, "Finding the wrong labels"). This module runs the pass through Lightning's predict loop, so that
+DDP, precision and devices come from the Trainer:
 
 - per batch, on the device and without a host sync, each position's score (the probability of its given label), its
   most probable class and its validity (torch's cross-entropy layouts and ``ignore_index``, as in the loss);
@@ -17,7 +21,7 @@ Host memory is ``O(N)`` (a few numbers per sample); the ``N x K`` probabilities 
 import csv
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Sized, Tuple, Union
 
 import lightning.pytorch as pl
 import torch
@@ -25,20 +29,26 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
+from lightning_adalabel.callback import StrategyCollective
 from lightning_adalabel.inputs import _format, _tensor_validation, invalid_targets_message
 from lightning_adalabel.module import AdaLabelMixin
+from lightning_adalabel.training_margins import TrainingMargins
 from lightning_adalabel.validation import check_bool, check_choice, check_int
 
 #: How :func:`find_label_issues` decides which samples to flag.
 #:
-#: - ``"misclassified"`` (default): the samples whose most probable class is not their given label, the samples that
-#:   ALR's ``samples="misclassified"`` statistics count; in class k that is ``e_k n_k`` of its ``n_k`` samples, ``e_k``
-#:   the model's error rate on the samples labelled k. Measured against cleanlab's rule and against flagging the
-#:   ``e_k n_k`` lowest-scored samples of each class in docs/benchmarks.md ("Finding the wrong labels").
+#: - ``"margin"`` (the default where the training kept :attr:`~lightning_adalabel.AdaLabel.training_margins`): the
+#:   samples whose logit margin, averaged over the run, is negative: on average over training, the model preferred
+#:   another class to the given one.
+#: - ``"misclassified"`` (the default otherwise): the samples whose most probable class is not their given label, the
+#:   samples that ALR's ``samples="misclassified"`` statistics count; in class k that is ``e_k n_k`` of its ``n_k``
+#:   samples, ``e_k`` the model's error rate on the samples labelled k. Measured against ``"margin"``, cleanlab's rule
+#:   and flagging the ``e_k n_k`` lowest-scored samples of each class in docs/benchmarks.md ("Finding the wrong
+#:   labels").
 #: - ``"cleanlab"``: ``cleanlab.filter.find_label_issues(labels, probabilities)``, cleanlab's default rule, on this
 #:   model's probabilities (the optional extra ``lightning-adalabel[cleanlab]``).
 #: - ``"none"``: flag nothing; use the ranking alone.
-CUT_OFFS = ("misclassified", "cleanlab", "none")
+CUT_OFFS = ("margin", "misclassified", "cleanlab", "none")
 
 # Per position: dataset index, position in the sample, given label, most probable class, suggested label, flag.
 _COLUMNS = ("index", "position", "given", "predicted", "suggested")
@@ -66,9 +76,14 @@ class LabelIssues:
     is_issue: Tensor
     """``(M,)`` bool: flagged by the cut-off."""
     ranking: Tensor
-    """``(M,)`` int64: every entry, most likely wrong first (ascending score)."""
+    """``(M,)`` int64: every entry, most likely wrong first: ascending :attr:`margin` where the training kept the
+    margins (a sample no training step saw, NaN, comes last), ascending :attr:`score` otherwise."""
     cut_off: str
     """The rule that set :attr:`is_issue` (:data:`CUT_OFFS`)."""
+    margin: Optional[Tensor] = None
+    """``(M,)`` float32: the sample's logit margin ``z_given - max_{k != given} z_k`` averaged over the training steps
+    that saw it (:attr:`~lightning_adalabel.AdaLabel.training_margins`); negative means the model mostly preferred
+    another class. ``None`` where the training did not pass the samples' indices."""
     probabilities: Optional[Tensor] = None
     """``(M, K)`` float32 class probabilities, kept only with ``keep_probabilities=True`` (or the cleanlab cut-off)."""
 
@@ -80,12 +95,18 @@ class LabelIssues:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def ranked_by(self) -> str:
+        """What :attr:`ranking` sorts by: ``"margin"`` (averaged over training) or ``"score"``."""
+        return "score" if self.margin is None else "margin"
+
     def rows(self, only_issues: bool = False) -> List[Dict[str, Any]]:
-        """Entries as dicts (``index``, ``position``, ``given``, ``suggested``, ``score``, ``is_issue``), most likely
-        wrong first."""
+        """Entries as dicts (``index``, ``position``, ``given``, ``suggested``, ``score``, ``margin`` where kept,
+        ``is_issue``), most likely wrong first."""
         order = self.issues if only_issues else self.ranking
-        columns = {name: getattr(self, name)[order].tolist() for name in ("index", "position", "given", "suggested",
-                                                                         "score", "is_issue")}
+        names = ("index", "position", "given", "suggested", "score", *(("margin",) if self.margin is not None else ()),
+                 "is_issue")
+        columns = {name: getattr(self, name)[order].tolist() for name in names}
         return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
     def to_csv(self, path: Union[str, "os.PathLike[str]"], only_issues: bool = False,
@@ -94,7 +115,8 @@ class LabelIssues:
         ``position`` is written only for token layouts; with ``class_names`` labels are written as names."""
         rows = self.rows(only_issues)
         tokens = bool(len(self.position)) and bool(self.position.max() > 0)
-        fields = ["index", *(["position"] if tokens else []), "given", "suggested", "score", "is_issue"]
+        fields = ["index", *(["position"] if tokens else []), "given", "suggested", "score",
+                  *(["margin"] if self.margin is not None else []), "is_issue"]
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         with open(path, "w", newline="", encoding="utf-8") as handle:
@@ -104,6 +126,8 @@ class LabelIssues:
                 if class_names is not None:
                     row["given"], row["suggested"] = class_names[row["given"]], class_names[row["suggested"]]
                 row["score"] = f"{row['score']:.6g}"
+                if "margin" in row:
+                    row["margin"] = f"{row['margin']:.6g}"
                 row["is_issue"] = int(row["is_issue"])
                 writer.writerow([row[field] for field in fields])
         return len(rows)
@@ -117,7 +141,7 @@ def inputs_and_target(module: pl.LightningModule, batch: Any) -> Tuple[Tensor, T
     layout of :meth:`AdaLabelMixin.training_step`; or of a mapping with ``"labels"`` (Hugging Face), whose other
     entries go to the module as keyword arguments."""
     if isinstance(batch, Mapping) and "labels" in batch:
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        inputs = {key: value for key, value in batch.items() if key not in ("labels", "index")}
         return module(**inputs), batch["labels"]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
         return module(batch[0]), batch[1]
@@ -134,7 +158,7 @@ def find_label_issues(
     dataloader: DataLoader,
     trainer: Optional[pl.Trainer] = None,
     *,
-    cut_off: str = "misclassified",
+    cut_off: Optional[str] = None,
     keep_probabilities: bool = False,
     logits_and_target: LogitsAndTarget = inputs_and_target,
     ignore_index: Optional[int] = None,
@@ -150,7 +174,8 @@ def find_label_issues(
         dataloader: an *unshuffled* loader over the training data with its labels. Under DDP Lightning shards it.
         trainer: the Trainer whose predict loop runs the model (devices, strategy, precision); ``None`` builds one
             from ``trainer_kwargs`` (default: no logger, no progress bar).
-        cut_off: which samples to flag, see :data:`CUT_OFFS`.
+        cut_off: which samples to flag, see :data:`CUT_OFFS`; ``None``: ``"margin"`` where the training kept the
+            margins, else ``"misclassified"``.
         keep_probabilities: also return the ``M x K`` probabilities (``O(N K)`` host memory).
         logits_and_target: ``(module, batch) -> (logits, target)``; the default reads ``(inputs, target)`` batches
             (:func:`inputs_and_target`). Logits and targets follow ``F.cross_entropy``'s layouts; targets must be
@@ -161,7 +186,9 @@ def find_label_issues(
             :func:`log_top_suspects`); 0: none.
 
     Returns:
-        :class:`LabelIssues`, the same on every process.
+        :class:`LabelIssues`, the same on every process. Where the module trained with the samples' indices
+        (:class:`~lightning_adalabel.IndexedDataset`), it ranks by each sample's margin averaged over training
+        (:attr:`LabelIssues.margin`), which needs ``dataloader`` over the same training set, in its order.
 
     Example::
 
@@ -175,16 +202,20 @@ def find_label_issues(
             f" {type(model).__name__} does not. Declare `class {type(model).__name__}(AdaLabelMixin, LightningModule)`"
             " and train it with `self.adalabel_loss(logits, y)` and the AdaLabel callback."
         )
+    callback = model._adalabel_callback
+    margins = callback.training_margins if callback is not None else None
+    if cut_off is None:
+        cut_off = "misclassified" if margins is None else "margin"
     check_choice("cut_off", cut_off, CUT_OFFS)
     check_bool("keep_probabilities", keep_probabilities)
     check_int("log_top", log_top, minimum=0)
     _check_loader(dataloader)
+    _check_margins(margins, cut_off, dataloader)
     if cut_off == "cleanlab":
         _import_cleanlab()  # before the pass, not after it
-    callback = model._adalabel_callback
     if ignore_index is None:
         ignore_index = getattr(callback, "ignore_index", -100)
-    collector = _Collector(keep_probabilities or cut_off == "cleanlab")
+    collector = _Collector(keep_probabilities or cut_off == "cleanlab", margins)
     if trainer is None:
         defaults = dict(logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False)
@@ -232,6 +263,24 @@ def _check_loader(dataloader: Any) -> None:
         )
 
 
+def _check_margins(margins: Optional[TrainingMargins], cut_off: str, dataloader: DataLoader) -> None:
+    if margins is None:
+        if cut_off == "margin":
+            raise ValueError(
+                "cut_off='margin' needs the margins the callback averages over training, and this module's training"
+                " kept none: train with the samples' indices (IndexedDataset(train_set), or"
+                " `self.adalabel_loss(logits, y, index=index)`), or use cut_off='misclassified'."
+            )
+        return
+    size = len(dataloader.dataset) if isinstance(dataloader.dataset, Sized) else None
+    if size is not None and size != margins.num_samples:
+        raise ValueError(
+            f"The module's training kept margins for {margins.num_samples} training samples, but the loader's data set"
+            f" has {size}. Pass a loader over the training set it was trained on, in the same order (unshuffled,"
+            " without augmentation), so that each index names the same sample."
+        )
+
+
 def _import_cleanlab() -> Any:
     try:
         import cleanlab.filter
@@ -272,9 +321,10 @@ class _Collector(BasePredictionWriter):
     """Keeps each batch's per-position results on the device (no host sync), with the dataset indices that the
     predict loop reports, and gathers them across processes at the end of the pass."""
 
-    def __init__(self, keep_probabilities: bool) -> None:
+    def __init__(self, keep_probabilities: bool, margins: Optional[TrainingMargins] = None) -> None:
         super().__init__(write_interval="batch")
         self.keep_probabilities = keep_probabilities
+        self.margins = margins
         self.parts: Dict[str, List[Tensor]] = {}
         self.num_classes = 0
         self.result: Optional[Dict[str, Any]] = None
@@ -306,6 +356,11 @@ class _Collector(BasePredictionWriter):
         if local:
             local["invalid"] = local["invalid"].sum()[None]
         gathered = _gather(trainer.strategy, local, pl_module.device)
+        margins = None
+        if self.margins is not None:  # every process: an unfinished epoch's margins are all-reduced
+            collective = StrategyCollective(trainer.strategy) if trainer.world_size > 1 else None
+            with torch.inference_mode(False):
+                margins = self.margins.mean(collective).cpu()
         if gathered is None:
             return
         invalid = gathered.pop("invalid")
@@ -319,6 +374,8 @@ class _Collector(BasePredictionWriter):
         keep = torch.ones_like(key, dtype=torch.bool)
         keep[1:] = key[1:] != key[:-1]
         self.result = {name: value[order][keep] for name, value in result.items()}
+        if margins is not None:
+            self.result["margin"] = margins[self.result["index"]]
         self.result["invalid"], self.result["num_classes"] = invalid, self.num_classes
 
 
@@ -351,9 +408,12 @@ def _gather(strategy: Any, local: Dict[str, Tensor], device: torch.device) -> Op
 
 
 def _label_issues(found: Dict[str, Tensor], cut_off: str) -> LabelIssues:
-    score = found["score"]
-    ranking = torch.sort(score, stable=True).indices
-    if cut_off == "misclassified":
+    score, margin = found["score"], found.get("margin")
+    # Ascending; NaN (a sample no training step saw) sorts last.
+    ranking = torch.sort(score if margin is None else margin, stable=True).indices
+    if cut_off == "margin":
+        is_issue = margin < 0  # type: ignore[operator]
+    elif cut_off == "misclassified":
         is_issue = found["predicted"] != found["given"]
     elif cut_off == "cleanlab":
         # n_jobs=1: cleanlab's worker pool relies on fork-inherited globals, which a spawned process (ddp_spawn, a
@@ -366,7 +426,7 @@ def _label_issues(found: Dict[str, Tensor], cut_off: str) -> LabelIssues:
     return LabelIssues(
         index=found["index"], position=found["position"], given=found["given"], score=score,
         predicted=found["predicted"], suggested=found["suggested"], is_issue=is_issue, ranking=ranking,
-        cut_off=cut_off, probabilities=found.get("probabilities"),
+        cut_off=cut_off, margin=margin, probabilities=found.get("probabilities"),
     )
 
 

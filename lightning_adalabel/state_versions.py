@@ -13,6 +13,8 @@ The callback's state:
 - 1 (lightning_adalabel 0.1.0): no ``"version"`` or ``"top_k"`` key (dense), and a ``"config"`` without the preset
   fields that came later (``prior``, ``prior_strength``, ``start``, ``empty_rows``): they had their defaults.
 - 2: ``"version"``, ``"top_k"``, the full preset ``"config"``.
+- 3: ``"training_margins"``: the :class:`~lightning_adalabel.training_margins.TrainingMargins` state (with
+  ``"epoch_open"``), or ``None`` (what versions 1 and 2 held: they kept none).
 
 The dense engine's state (:class:`~lightning_adalabel.label_matrix.LabelMatrix`):
 
@@ -31,7 +33,7 @@ from torch import Tensor
 
 from lightning_adalabel.presets import Preset
 
-CALLBACK_STATE_VERSION = 2
+CALLBACK_STATE_VERSION = 3
 DENSE_STATE_VERSION = 2
 SPARSE_STATE_VERSION = 1
 
@@ -50,15 +52,16 @@ def read_callback_state(state: Dict[str, Any]) -> Dict[str, Any]:
     dict), or a clear error."""
     missing = [key for key in _CALLBACK_KEYS if key not in state]
     version = state.get("version", 1)
-    if missing or version not in (1, CALLBACK_STATE_VERSION):
+    if missing or version not in (1, 2, CALLBACK_STATE_VERSION):
         raise ValueError(
             f"This checkpoint's AdaLabel state (format version {version!r}, missing {missing}) was not written by"
             f" a lightning_adalabel this one can read (versions 1 to {CALLBACK_STATE_VERSION}). Resume with the version"
             " that wrote it, or start a new run without `ckpt_path`."
         )
     config = {**_defaults(Preset), **state["config"]} if isinstance(state["config"], dict) else {}
-    # Version 1 had no top_k: it was dense.
-    return {**state, "version": CALLBACK_STATE_VERSION, "config": config, "top_k": state.get("top_k")}
+    # Version 1 had no top_k: it was dense. Versions 1 and 2 kept no training margins.
+    return {**state, "version": CALLBACK_STATE_VERSION, "config": config, "top_k": state.get("top_k"),
+            "training_margins": state.get("training_margins")}
 
 
 def read_dense_engine_state(state: Any) -> Dict[str, Any]:

@@ -1,11 +1,12 @@
 """Small models and data shared by the tests: real modules, real loaders, nothing mocked."""
 
+import math
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import lightning as L
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_adalabel import AdaLabelMixin
@@ -97,3 +98,32 @@ def learned_matrix(num_classes: int = 5, seed: int = 0) -> torch.Tensor:
     matrix = torch.rand(num_classes, num_classes, generator=generator) ** 4
     matrix.fill_diagonal_(0.0)
     return matrix / matrix.sum(dim=1, keepdim=True)
+
+
+def reference_margin(logits: Tensor, target: int) -> float:
+    """``z_target - max_{k != target} z_k`` of one sample, the naive way."""
+    others = [float(value) for k, value in enumerate(logits.tolist()) if k != target]
+    return float(logits[target]) - max(others)
+
+
+def reference_means(records: List[Tuple[Tensor, Tensor, Tensor]], num_samples: int) -> Tensor:
+    """Each sample's mean margin over the ``(logits, targets, indices)`` of the steps that saw it (NaN: none did)."""
+    margins: Dict[int, List[float]] = {}
+    for logits, targets, indices in records:
+        for row, target, index in zip(logits, targets.tolist(), indices.tolist()):
+            margins.setdefault(index, []).append(reference_margin(row, target))
+    return torch.tensor([sum(margins[i]) / len(margins[i]) if i in margins else math.nan for i in range(num_samples)])
+
+
+class IndexRecorder(TinyClassifier):
+    """Trains on ``(x, y, index)`` batches with ``adalabel_loss(..., index=...)`` and records each completed step."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.records: List[Tuple[Tensor, Tensor, Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, index = batch
+        logits = self(x)
+        self.records.append((logits.detach().clone(), y, index))
+        return self.adalabel_loss(logits, y, index=index)

@@ -19,14 +19,17 @@ BATCHES_PER_EPOCH, MAX_EPOCHS = 8, 2
 
 
 class ResumableLoader:
-    """A fixed, unshuffled list of batches that resumes mid-epoch where the checkpoint left off.
+    """A fixed, unshuffled list of ``(x, y, index)`` batches that resumes mid-epoch where the checkpoint left off
+    (the indices make the callback keep each sample's training margin, which must resume exactly too).
 
     It follows Lightning's ``state_dict`` / ``load_state_dict`` loader protocol. Because it has a length, Lightning
     does not fetch ahead, so at checkpoint time every fetched batch has been trained on.
     """
 
     def __init__(self) -> None:
-        self.batches = list(make_loader(num_samples=8 * BATCHES_PER_EPOCH, batch_size=8))
+        loader = make_loader(num_samples=8 * BATCHES_PER_EPOCH, batch_size=8)
+        self.dataset = loader.dataset  # what the indices count, as a DataLoader's `dataset`
+        self.batches = [(x, y, torch.arange(8 * number, 8 * number + 8)) for number, (x, y) in enumerate(loader)]
         self._fetched = 0
         self._resume_at = 0
 
@@ -103,6 +106,10 @@ def assert_same_run(model: L.LightningModule, adalabel: AdaLabel, expected_model
     assert torch.equal(adalabel.label_matrix.matrix, expected.label_matrix.matrix)
     assert torch.equal(adalabel.label_matrix.accumulator, expected.label_matrix.accumulator)
     assert adalabel.label_matrix.num_refreshes == expected.label_matrix.num_refreshes
+    margins, expected_margins = adalabel.training_margins, expected.training_margins
+    for name in ("total", "count", "epoch_total", "epoch_count"):
+        assert torch.equal(getattr(margins, name), getattr(expected_margins, name)), name
+    assert margins.epochs == expected_margins.epochs and adalabel._margins_epoch_open == expected._margins_epoch_open
 
 
 # (refresh_every_n_steps, save every n steps, crash at step): 8 optimizer steps an epoch.

@@ -25,6 +25,7 @@ from torch.optim.swa_utils import get_ema_avg_fn
 
 from lightning_adalabel import AdaLabel
 from lightning_adalabel.label_matrix import LabelMatrix, initial_label_matrix
+from lightning_adalabel.training_margins import TrainingMargins
 from tests.helpers import TinyClassifier, fit, make_loader, trainer_kwargs
 
 K = 5
@@ -93,15 +94,20 @@ def future_engine_version(state):
     state["label_matrix"]["version"] = 99
 
 
+def short_margins(state):
+    state["training_margins"] = {**TrainingMargins(4).state_dict(), "count": torch.zeros(3), "epoch_open": False}
+
+
 CORRUPTIONS = {
     "nan": (set_matrix(with_nan), r"not valid: .*NaN"),
     "3x4": (set_matrix(lambda m: torch.full((3, 4), 0.25)), r"square K x K tensor, got \(3, 4\)"),
     "rows_not_1": (set_matrix(lambda m: m * 2), r"Every row of a label matrix must sum to 1"),
     "diagonal": (set_matrix(lambda m: torch.full((K, K), 1.0 / K)), r"must have a zero diagonal"),
     "accumulator_shape": (set_accumulator, r"statistics have shape \(5, 7\), expected \(5, 9\)"),
-    "no_statistics_epoch": (drop_statistics_epoch, r"format version 2, missing \['statistics_epoch'\]"),
-    "future_callback_version": (future_callback_version, r"format version 99.*versions 1 to 2"),
+    "no_statistics_epoch": (drop_statistics_epoch, r"format version 3, missing \['statistics_epoch'\]"),
+    "future_callback_version": (future_callback_version, r"format version 99.*versions 1 to 3"),
     "future_engine_version": (future_engine_version, r"format version 99.*versions 1 to 2"),
+    "training_margins": (short_margins, r"training margins have a malformed 'count'"),
 }
 
 
@@ -155,7 +161,8 @@ def test_version_1_state_resumes_and_gains_the_invalid_target_column(trained_che
     assert torch.equal(engine.accumulator[:, : K + 3], saved["label_matrix"]["accumulator"][:, : K + 3])
     assert torch.equal(engine.accumulator[:, K + 3], torch.zeros(K))
     assert engine.num_refreshes == 1
-    assert restored.state_dict()["version"] == 2 and restored.state_dict()["last_refresh_step"] == 5
+    assert restored.state_dict()["version"] == 3 and restored.state_dict()["last_refresh_step"] == 5
+    assert restored.training_margins is None  # versions 1 and 2 kept none
 
     trained_on = AdaLabel(samples="all", refresh_every_n_steps=5)
     fit(trained_on, ckpt_path=path, max_epochs=2)  # and training goes on from it: refreshes at steps 10 and 15

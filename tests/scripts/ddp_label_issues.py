@@ -3,6 +3,10 @@ process: run in 2 processes by ``ddp_launch.py`` (the suite's one DDP launch), i
 
 Each rank records the fields of the :class:`LabelIssues` it returned. The data set has an odd
 number of samples and batches of 4, so the two shards differ in length and the last batches are short.
+
+:func:`run_indexed` trains on ``(x, y, index)`` batches first, so that the callback keeps each sample's margin over
+training: each rank also records the logits, labels and indices of its own training steps, from which the test
+computes the margins that both ranks' :class:`LabelIssues` must hold.
 """
 
 import sys
@@ -12,11 +16,13 @@ from typing import Any, Dict
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `tests.helpers`
 
+from lightning_adalabel import AdaLabel, IndexedDataset  # noqa: E402
 from lightning_adalabel.label_issues import find_label_issues  # noqa: E402
-from tests.helpers import TinyClassifier, make_loader, trainer_kwargs  # noqa: E402
+from tests.helpers import IndexRecorder, TinyClassifier, make_loader, trainer_kwargs  # noqa: E402
 
 NUM_SAMPLES, BATCH_SIZE = 45, 4
 
@@ -29,3 +35,17 @@ def run(devices: int) -> Dict[str, Any]:
     strategy = {"strategy": "ddp"} if devices > 1 else {}
     trainer = L.Trainer(**trainer_kwargs(devices=devices, **strategy))
     return asdict(find_label_issues(model, loader, trainer, keep_probabilities=True))
+
+
+def run_indexed(devices: int, epochs: int = 2) -> Dict[str, Any]:
+    """Fit on indexed, shuffled batches (Lightning shards them), then ``find_label_issues``: its fields and this
+    process's training steps ``(logits, labels, indices)``."""
+    torch.manual_seed(0)
+    model = IndexRecorder()
+    data = make_loader(num_samples=NUM_SAMPLES).dataset
+    train = DataLoader(IndexedDataset(data), batch_size=BATCH_SIZE, shuffle=True)
+    strategy = {"strategy": "ddp"} if devices > 1 else {}
+    trainer = L.Trainer(**trainer_kwargs(devices=devices, max_epochs=epochs, callbacks=[AdaLabel()], **strategy))
+    trainer.fit(model, train)
+    found = find_label_issues(model, DataLoader(data, batch_size=BATCH_SIZE), trainer)
+    return {"found": asdict(found), "records": model.records}

@@ -30,6 +30,8 @@ def main(out_dir: str) -> None:
             torch.save(record, out / f"{group}-{name}-rank{record['rank']}.pt")
     issues = ddp_label_issues.run(devices=2)
     torch.save(issues, out / f"label_issues-find-rank{torch.distributed.get_rank()}.pt")
+    indexed = ddp_label_issues.run_indexed(devices=2)
+    torch.save(indexed, out / f"label_issues-indexed-rank{torch.distributed.get_rank()}.pt")
     torch.distributed.barrier()  # rank 0 (the launcher) returns only once rank 1 has written its files too
     print(f"rank {os.environ.get('LOCAL_RANK', '0')} done")
 

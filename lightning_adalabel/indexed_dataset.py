@@ -1,0 +1,55 @@
+"""``IndexedDataset``: a data set whose samples also carry their index, for the training margins.
+
+:class:`~lightning_adalabel.AdaLabel` averages each training sample's margin over the run when the training step tells
+it which samples a batch holds (``self.adalabel_loss(logits, y, index=index)``, see
+:mod:`lightning_adalabel.training_margins`). A shuffled loader does not say which samples it drew; wrapping the
+training set makes every sample say it.
+"""
+
+from typing import Any, Mapping, Sized
+
+from torch.utils.data import Dataset
+
+
+class IndexedDataset(Dataset):
+    """``dataset`` with each sample's index appended: ``(x, y)`` becomes ``(x, y, index)``, a mapping gains an
+    ``"index"`` entry, any other sample ``s`` becomes ``(s, index)``. Batched by the default collate, the indices are a
+    ``(B,)`` int64 tensor; :class:`~lightning_adalabel.AdaLabelMixin`'s default ``training_step`` passes it on.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> data = IndexedDataset(TensorDataset(torch.arange(4.0), torch.tensor([0, 1, 1, 0])))
+        >>> len(data), data[2]
+        (4, (tensor(2.), tensor(1), 2))
+        >>> IndexedDataset([{"text": "a", "labels": 1}])[0]
+        {'text': 'a', 'labels': 1, 'index': 0}
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
+            raise TypeError(
+                f"IndexedDataset needs a map-style data set (with __len__ and __getitem__), got"
+                f" {type(dataset).__name__}. For an iterable data set, yield (x, y, index) yourself and set"
+                " AdaLabel(num_training_samples=...) to the number of samples."
+            )
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.dataset[index]
+        if isinstance(sample, Mapping):
+            if "index" in sample:
+                raise ValueError("IndexedDataset: the samples already have an 'index' entry; it would be replaced.")
+            return {**sample, "index": index}
+        if isinstance(sample, tuple) or isinstance(sample, list):
+            return (*sample, index)
+        return (sample, index)
+
+    def __getattr__(self, name: str) -> Any:
+        # The wrapped set's attributes (classes, targets, ...), as the recipes and users read them.
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
