@@ -2,20 +2,22 @@
 
 For each task (``digits``, ``superclasses``), noise setting (20%/40% symmetric and flip, as ``accuracy.py``) and seed,
 every method trains through the package's own API (``train_and_evaluate``: a real Trainer, AdaLabel, the mixin) and
-:func:`lightning_adalabel.find_label_issues` scores each training sample by the model's probability of its given
-label:
+:func:`lightning_adalabel.find_label_issues` scores each training sample:
 
-- ``alr``, ``none`` (cross-entropy), ``label_smoothing``, ``ols``: one run, probabilities on its own training set
-  (in-sample);
-- ``cleanlab``: cleanlab's recipe, cross-entropy on ``--folds`` folds, each sample scored by the model that did not
-  train on it (out-of-sample, ``--folds`` runs).
+- ``alr``, ``none`` (cross-entropy), ``label_smoothing``, ``ols``: one run, on its own training set (in-sample), with
+  the samples' indices in the batches, so that two scores come from the one run: each sample's logit margin averaged
+  over training (``margin``, what ``find_label_issues`` ranks by) and the trained model's probability of the given
+  label (``score``);
+- ``cleanlab``: cleanlab's recipe, cross-entropy on ``--folds`` folds, each sample scored by the probability of the
+  model that did not train on it (out-of-sample, ``--folds`` runs).
 
-Columns: AUROC of the score for "this label was corrupted"; precision and recall of the default cut-off
-(``misclassified``), of cleanlab's rule (``cleanlab.filter.find_label_issues``) on the same probabilities, and of
-flagging the ``e_k n_k`` lowest-scored samples of each class (``lowest``); the first run's test accuracy; and for
-``alr`` and ``cleanlab`` a second run on the cleaned training set: flagged samples removed (``alr``: its own cut-off,
-ALR again; ``cleanlab``: cleanlab's rule, cross-entropy again, its recipe), or (``alr``) relabelled with the
-suggestion.
+Columns: AUROC of each score for "this label was corrupted"; precision and recall of the cut-offs: ``margin``
+(negative average margin, the default), ``misclassified`` (the trained model predicts another class), cleanlab's rule
+(``cleanlab.filter.find_label_issues``) on the same probabilities, and the ``e_k n_k`` lowest-scored samples of each
+class (``lowest``, in runs.csv); how often the suggested label is the true one, on the corrupted samples; the first
+run's test accuracy; and for ``alr`` and ``cleanlab`` a second run on the cleaned training set: flagged samples removed
+(``alr``: its default cut-off, ALR again; ``cleanlab``: cleanlab's rule, cross-entropy again, its recipe), or (``alr``)
+relabelled with the suggestion.
 
 Usage::
 
@@ -46,8 +48,9 @@ from accuracy import SETTINGS, TASKS, append_row, read_done  # noqa: E402
 METHODS = ("alr", "none", "label_smoothing", "ols", "cleanlab")
 NOISY_SETTINGS = tuple(name for name, setting in SETTINGS.items() if setting.noise > 0)
 # The metrics of a run, in runs.csv and in the table (NaN where a method has none).
-METRICS = ("auroc", "precision", "recall", "cleanlab_precision", "cleanlab_recall", "lowest_precision",
-           "lowest_recall", "accuracy", "removed_accuracy", "relabelled_accuracy")
+METRICS = ("margin_auroc", "auroc", "margin_precision", "margin_recall", "precision", "recall", "cleanlab_precision",
+           "cleanlab_recall", "lowest_precision", "lowest_recall", "suggestion_accuracy", "accuracy", "removed_accuracy",
+           "relabelled_accuracy")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "label_issues")
 
 
@@ -75,12 +78,13 @@ def train(task: str, preset: str, split: Tuple[Tensor, ...], seed: int, epochs: 
         return models[-1]
 
     result = train_and_evaluate(make_model, split, AdaLabel(preset=preset, num_classes=num_classes), preset, seed,
-                                0.0, epochs, batch_size)
+                                0.0, epochs, batch_size, indexed=True)
     return models[0], result.accuracy
 
 
 def scored(model: Any, x: Tensor, y: Tensor) -> Any:
-    """:func:`find_label_issues` of ``model`` on ``(x, y)``, with the probabilities (cleanlab's rule needs them)."""
+    """:func:`find_label_issues` of ``model`` on ``(x, y)``, with the probabilities (cleanlab's rule needs them); the
+    training margins where ``(x, y)`` is the set ``model`` trained on."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_adalabel import find_label_issues
@@ -136,7 +140,8 @@ def run_one(job: Tuple[str, str, str, int, int, int]) -> Dict[str, object]:
     setting = SETTINGS[setting_name]
     _, load_split, _, _ = task_parts(task)
     x, given, x_test, y_test = load_split(setting.noise, seed, setting.noise_type)
-    corrupted = given != load_split()[1]
+    true = load_split()[1]
+    corrupted = given != true
     start = time.perf_counter()
     row: Dict[str, object] = {"task": task, "setting": setting_name, "method": method, "seed": seed}
     with quiet_lightning():
@@ -146,29 +151,38 @@ def run_one(job: Tuple[str, str, str, int, int, int]) -> Dict[str, object]:
                 model, _ = train(task, "none", (x[part], given[part], x_test, y_test), seed, epochs)
                 probabilities[held_out] = scored(model, x[held_out], given[held_out]).probabilities
             accuracy = math.nan
+            margin = suggested = None
         else:
             model, accuracy = train(task, method, (x, given, x_test, y_test), seed, epochs)
             found = scored(model, x, given)
-            probabilities = found.probabilities
+            probabilities, margin, suggested = found.probabilities, found.margin, found.suggested
         score = probabilities.gather(1, given[:, None]).squeeze(1)
         predicted = probabilities.argmax(dim=1)
-        flagged = predicted != given  # find_label_issues' default cut-off, "misclassified"
+        flagged = predicted != given  # the cut-off "misclassified"
         cleanlab_flagged = torch.as_tensor(cleanlab_issues(given.numpy(), probabilities.double().numpy(), n_jobs=1))
+        row["margin_auroc"] = math.nan if margin is None else float(binary_auroc(-margin, corrupted.long()))
         row["auroc"] = float(binary_auroc(1 - score, corrupted.long()))
+        row["margin_precision"], row["margin_recall"] = (math.nan, math.nan) if margin is None else \
+            detection(margin < 0, corrupted)
         row["precision"], row["recall"] = detection(flagged, corrupted)
         row["cleanlab_precision"], row["cleanlab_recall"] = detection(cleanlab_flagged, corrupted)
         row["lowest_precision"], row["lowest_recall"] = detection(lowest_per_class(score, given, predicted), corrupted)
+        if suggested is None:  # cleanlab's recipe: the most probable class other than the given one
+            suggested = probabilities.scatter(1, given[:, None], -1.0).argmax(dim=1)
+        row["suggestion_accuracy"] = float((suggested[corrupted] == true[corrupted]).float().mean())
         row["accuracy"] = accuracy
         row["removed_accuracy"] = row["relabelled_accuracy"] = math.nan
+        # find_label_issues' default cut-off: "margin" where the run kept the margins (every in-sample run here)
+        default_flagged = flagged if margin is None else margin < 0
         if method == "alr":
-            kept = ~flagged
+            kept = ~default_flagged
             row["removed_accuracy"] = train(task, "alr", (x[kept], given[kept], x_test, y_test), seed, epochs)[1]
-            relabelled = torch.where(flagged, found.suggested, given)
+            relabelled = torch.where(default_flagged, suggested, given)
             row["relabelled_accuracy"] = train(task, "alr", (x, relabelled, x_test, y_test), seed, epochs)[1]
         elif method == "cleanlab":
             kept = ~cleanlab_flagged
             row["removed_accuracy"] = train(task, "none", (x[kept], given[kept], x_test, y_test), seed, epochs)[1]
-    row["flagged"], row["cleanlab_flagged"] = int(flagged.sum()), int(cleanlab_flagged.sum())
+    row["flagged"], row["cleanlab_flagged"] = int(default_flagged.sum()), int(cleanlab_flagged.sum())
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -190,61 +204,80 @@ def mean_and_error(values: Sequence[float]) -> Tuple[float, float]:
     return round(mean, 12), round(math.sqrt(variance / len(values)), 12)
 
 
+def _stats(rows: Sequence[Dict[str, Any]], setting: str, method: str) -> Dict[str, Tuple[float, float]]:
+    runs = [row for row in rows if row["setting"] == setting and row["method"] == method]
+    return {name: mean_and_error([float(row.get(name, "nan")) for row in runs]) for name in METRICS} if runs else {}
+
+
+def _auroc(stats: Dict[str, Tuple[float, float]], name: str) -> str:
+    mean, error = stats[name]
+    return "—" if math.isnan(mean) else f"{mean:.3f} ± {error:.3f}"
+
+
 def format_table(rows: Sequence[Dict[str, Any]], setting: str) -> str:
     """The markdown table of one setting: a line per method, mean ± s.e. over the seeds in ``rows``.
 
     Example:
         >>> row = {"setting": "flip-20", "method": "alr", "seed": "0", **{name: "0.5" for name in METRICS}}
         >>> print(format_table([row], "flip-20").splitlines()[2])
-        | alr (in-sample) | 1 | 1 | 0.500 ± 0.000 | 0.50 / 0.50 | 0.50 / 0.50 | 0.50 / 0.50 | 50.00 | 50.00 | 50.00 |
+        | alr (in-sample) | 1 | 1 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.50 / 0.50 | 0.50 / 0.50 | 0.50 / 0.50 | 50.0 \
+| 50.00 | 50.00 | 50.00 |
     """
     lines = [
-        "| probabilities from | runs | seeds | AUROC | misclassified: precision / recall | cleanlab's rule: precision /"
-        " recall | lowest e_k n_k: precision / recall | test acc. (%) | removed, 2nd run (%) | relabelled, 2nd run (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scores from | runs | seeds | AUROC: margin over training | AUROC: final probability | margin < 0: precision /"
+        " recall | misclassified: precision / recall | cleanlab's rule: precision / recall | suggestion right (%) |"
+        " test acc. (%) | removed, 2nd run (%) | relabelled, 2nd run (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in METHODS:
-        runs = [row for row in rows if row["setting"] == setting and row["method"] == method]
-        if not runs:
+        stats = _stats(rows, setting, method)
+        if not stats:
             continue
-        stats = {name: mean_and_error([float(row[name]) for row in runs]) for name in METRICS}
 
         def pair(name: str) -> str:
-            return f"{stats[f'{name}precision'][0]:.2f} / {stats[f'{name}recall'][0]:.2f}"
+            precision, recall = stats[f"{name}precision"][0], stats[f"{name}recall"][0]
+            return "—" if math.isnan(recall) else f"{precision:.2f} / {recall:.2f}"
 
-        def percent(name: str) -> str:
-            return "—" if math.isnan(stats[name][0]) else f"{100 * stats[name][0]:.2f}"
+        def percent(name: str, digits: int = 2) -> str:
+            return "—" if math.isnan(stats[name][0]) else f"{100 * stats[name][0]:.{digits}f}"
 
         label = "cleanlab's recipe: CE, out-of-sample" if method == "cleanlab" else f"{method} (in-sample)"
+        runs = [row for row in rows if row["setting"] == setting and row["method"] == method]
         count = runs[0].get("folds", 5) if method == "cleanlab" else 1
         lines.append(
-            f"| {label} | {count} | {len(runs)} | {stats['auroc'][0]:.3f} ± {stats['auroc'][1]:.3f} | {pair('')}"
-            f" | {pair('cleanlab_')} | {pair('lowest_')} | {percent('accuracy')} | {percent('removed_accuracy')}"
-            f" | {percent('relabelled_accuracy')} |"
+            f"| {label} | {count} | {len(runs)} | {_auroc(stats, 'margin_auroc')} | {_auroc(stats, 'auroc')}"
+            f" | {pair('margin_')} | {pair('')} | {pair('cleanlab_')} | {percent('suggestion_accuracy', 1)}"
+            f" | {percent('accuracy')} | {percent('removed_accuracy')} | {percent('relabelled_accuracy')} |"
         )
     return "\n".join(lines)
 
 
+#: The overview's columns: (heading, method, metric).
+OVERVIEW = (
+    ("ALR, 1 run: margin over training", "alr", "margin_auroc"),
+    ("ALR, 1 run: final probability", "alr", "auroc"),
+    ("CE, 1 run: margin", "none", "margin_auroc"),
+    ("label smoothing, 1 run: margin", "label_smoothing", "margin_auroc"),
+    ("OLS, 1 run: margin", "ols", "margin_auroc"),
+    ("cleanlab's recipe (CE, 5-fold out-of-sample)", "cleanlab", "auroc"),
+)
+
+
 def format_overview(rows: Sequence[Dict[str, Any]], settings: Sequence[str]) -> str:
-    """One line per setting: each method's mean AUROC (``±`` s.e.), ALR's in-sample run against the others.
+    """One line per setting: the mean AUROC (``±`` s.e.) of each score, ALR's one run against the others.
 
     Example:
-        >>> rows = [{"setting": "flip-20", "method": method, "seed": "0", "auroc": auroc}
-        ...         for method, auroc in (("alr", "0.99"), ("cleanlab", "0.95"))]
+        >>> rows = [{"setting": "flip-20", "method": method, "seed": "0", "margin_auroc": margin, "auroc": final}
+        ...         for method, margin, final in (("alr", "0.99", "0.98"), ("cleanlab", "nan", "0.95"))]
         >>> print(format_overview(rows, ["flip-20"]).splitlines()[2])
-        | flip-20 | 0.990 ± 0.000 | 0.950 ± 0.000 |
+        | flip-20 | 0.990 ± 0.000 | 0.980 ± 0.000 | 0.950 ± 0.000 |
     """
-    methods = [method for method in METHODS if any(row["method"] == method for row in rows)]
-    names = {"alr": "ALR, 1 run", "none": "CE, 1 run", "label_smoothing": "label smoothing, 1 run",
-             "ols": "OLS, 1 run", "cleanlab": "cleanlab's recipe (CE, out-of-sample)"}
-    lines = ["| setting | " + " | ".join(names[method] for method in methods) + " |",
-             "|---" * (1 + len(methods)) + "|"]
+    columns = [column for column in OVERVIEW if any(row["method"] == column[1] for row in rows)]
+    lines = ["| setting | " + " | ".join(heading for heading, _, _ in columns) + " |",
+             "|---" * (1 + len(columns)) + "|"]
     for setting in settings:
-        cells = []
-        for method in methods:
-            mean, error = mean_and_error([float(row["auroc"]) for row in rows
-                                          if row["setting"] == setting and row["method"] == method])
-            cells.append("—" if math.isnan(mean) else f"{mean:.3f} ± {error:.3f}")
+        cells = [_auroc(stats, metric) if stats else "—"
+                 for stats, metric in ((_stats(rows, setting, method), metric) for _, method, metric in columns)]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

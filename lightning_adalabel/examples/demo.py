@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from lightning_adalabel import PRESETS, AdaLabel, AdaLabelMixin, find_label_issues, plot_label_matrix
+from lightning_adalabel import PRESETS, AdaLabel, AdaLabelMixin, IndexedDataset, find_label_issues, plot_label_matrix
 
 NUM_CLASSES = 10
 NUM_TRAIN = 1000
@@ -134,19 +134,20 @@ def run_digits(
     callback: Optional[AdaLabel] = None,
     noise_type: str = "flip",
     extra_callbacks: Sequence[L.Callback] = (),
+    indexed: bool = False,
     **trainer_overrides: Any,
 ) -> Tuple[RunResult, AdaLabel]:
     """Train :class:`DigitsCNN` with ``callback`` (default ``AdaLabel(preset=method)``) and evaluate it.
 
     ``noise`` and ``noise_type`` corrupt the training labels as in :func:`load_digits_split`; ``extra_callbacks``
-    join the AdaLabel callback in the Trainer.
+    join the AdaLabel callback in the Trainer; ``indexed``: see :func:`train_and_evaluate`.
 
     Returns the result row and the callback, whose ``label_matrix`` holds the learned Q.
     """
     callback = callback if callback is not None else AdaLabel(preset=method, num_classes=NUM_CLASSES)
     split = load_digits_split(noise, seed, noise_type)
     result = train_and_evaluate(DigitsCNN, split, callback, method, seed, noise, epochs, batch_size, progress_bar,
-                                extra_callbacks, **trainer_overrides)
+                                extra_callbacks, indexed, **trainer_overrides)
     return result, callback
 
 
@@ -161,14 +162,18 @@ def train_and_evaluate(
     batch_size: int,
     progress_bar: bool = False,
     extra_callbacks: Sequence[L.Callback] = (),
+    indexed: bool = False,
     **trainer_overrides: Any,
 ) -> RunResult:
     """One run of any task: seed, train ``make_model()`` on the split's training part with ``callback`` through a
-    real Trainer (shuffled batches from a ``seed``-ed generator), and evaluate it on the split's test part."""
+    real Trainer (shuffled batches from a ``seed``-ed generator), and evaluate it on the split's test part.
+    ``indexed``: the batches carry the samples' indices (:class:`~lightning_adalabel.IndexedDataset`), so that the
+    callback keeps each sample's margin over training (the same batches and weights as without)."""
     x_train, y_train, x_test, y_test = split
     L.seed_everything(seed, verbose=False)
+    train_set = TensorDataset(x_train, y_train)
     loader = DataLoader(
-        TensorDataset(x_train, y_train), batch_size=batch_size, shuffle=True,
+        IndexedDataset(train_set) if indexed else train_set, batch_size=batch_size, shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
     trainer = L.Trainer(
@@ -329,7 +334,7 @@ class _KeepModel(L.Callback):
 
 def flipped_labels_found(model: L.LightningModule, method: str, seed: int, noise: float) -> Dict[str, Any]:
     """How many of the flipped training labels :func:`~lightning_adalabel.find_label_issues` flags, with its default
-    cut-off, and how well its score ranks them (AUROC)."""
+    cut-off, and how well its ranking (by the training margins where the run kept them) ranks them (AUROC)."""
     from torchmetrics.functional.classification import binary_auroc
 
     x_train, y_train, _, _ = load_digits_split(noise, seed)
@@ -340,7 +345,7 @@ def flipped_labels_found(model: L.LightningModule, method: str, seed: int, noise
     flagged = int(found.is_issue.sum())
     return {"method": method, "seed": seed, "flipped": int(flipped.sum()), "flagged": flagged,
             "precision": hits / flagged if flagged else math.nan, "recall": hits / max(1, int(flipped.sum())),
-            "auroc": float(binary_auroc(1 - found.score, flipped.long()))}
+            "auroc": float(binary_auroc(-(found.score if found.margin is None else found.margin), flipped.long()))}
 
 
 def format_found(rows: Sequence[Dict[str, Any]]) -> str:
@@ -405,7 +410,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bar.set_description(f"{method}, seed {seed}")
             kept = _KeepModel()
             result, callback = run_digits(
-                method, seed, args.noise, args.epochs, progress_bar=False, extra_callbacks=[_EpochProgress(bar), kept]
+                method, seed, args.noise, args.epochs, progress_bar=False, extra_callbacks=[_EpochProgress(bar), kept],
+                indexed=args.noise > 0,  # the label-issue search ranks by each sample's margin over training
             )
             results.append(result)
             if args.noise > 0:  # which training labels are flipped is known: how many does the trained model find?
