@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from lightning_adalabel import AdaLabel, AdaLabelMixin, fused, inputs, label_matrix, losses, statistics
-from lightning_adalabel import compiled_loss, sparse_label_matrix
+from lightning_adalabel import callback, compiled_loss, sparse_label_matrix, training_margins
 from lightning_adalabel.engine import LabelMatrixEngine
 from lightning_adalabel.label_matrix import LabelMatrix
 from lightning_adalabel.sparse_label_matrix import SparseLabelMatrix
+from lightning_adalabel.training_margins import TrainingMargins
 from tests.helpers import TinyClassifier, make_loader, trainer_kwargs
 
 K = 5
@@ -49,11 +50,14 @@ class SyncCheckedClassifier(TinyClassifier):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        index = None
         if self.soft_targets:  # already-smoothed probability targets, built outside the checked region
             y = F.one_hot(y, K).float() * 0.9 + 0.1 / K
+        else:  # class targets: the samples' indices too, so the training margins' per-batch path is checked as well
+            index = torch.arange(batch_idx * len(y), (batch_idx + 1) * len(y), device=y.device)
         logits = self(x)
         with sync_is_an_error(batch_idx > 0):
-            return self.adalabel_loss(logits, y)
+            return self.adalabel_loss(logits, y, index=index)
 
 
 class SyncCheckedAdaLabel(AdaLabel):
@@ -80,26 +84,37 @@ def test_no_host_sync_per_batch_on_cuda(preset, soft_targets, top_k, compile_los
     assert adalabel.engine.device.type == "cuda"
     assert adalabel.engine.num_refreshes == 1
     assert torch.isfinite(adalabel.engine.to_dense() if top_k else adalabel.engine.matrix).all()
+    if not soft_targets:
+        assert adalabel.training_margins.device.type == "cuda" and adalabel.training_margins.count.sum() == 50 * 16
 
 
 # ---- meta tensors: the per-batch calls can run without ever reading a value --------------------------------------
 
 
+@pytest.mark.parametrize("indexed", [False, True], ids=["plain", "indexed"])
 @pytest.mark.parametrize("preset", ["alr", "ols", "label_smoothing"])
-def test_per_batch_path_never_reads_a_tensor_value(preset):
+def test_per_batch_path_never_reads_a_tensor_value(preset, indexed):
     model = TinyClassifier(num_classes=K)
-    adalabel = AdaLabel(preset, refresh_every_n_steps=1000)
+    adalabel = AdaLabel(preset, refresh_every_n_steps=1000, num_training_samples=32)
     trainer = L.Trainer(**trainer_kwargs(callbacks=[adalabel]))
     adalabel.setup(trainer, model, "fit")
+    adalabel.on_train_batch_start(trainer, model, None, 0)
     # Batch 0 on the CPU: its value checks read values once, by design.
-    model.adalabel_loss(torch.randn(8, K, requires_grad=True), torch.randint(0, K, (8,))).backward()
+    index = torch.arange(8) if indexed else None
+    model.adalabel_loss(torch.randn(8, K, requires_grad=True), torch.randint(0, K, (8,)), index=index).backward()
     adalabel.on_train_batch_end(trainer, model, None, None, 0)
     for batch_idx in range(1, 4):
+        adalabel.on_train_batch_start(trainer, model, None, batch_idx)
         logits = torch.randn(8, K, device="meta", requires_grad=True)
-        model.adalabel_loss(logits, torch.randint(0, K, (8,), device="meta")).backward()
+        index = torch.arange(8, device="meta") if indexed else None
+        model.adalabel_loss(logits, torch.randint(0, K, (8,), device="meta"), index=index).backward()
         adalabel.on_train_batch_end(trainer, model, None, None, batch_idx)
     assert logits.grad is not None and logits.grad.device.type == "meta"
     assert adalabel.engine.device.type == "meta"
+    if indexed:  # created on the CPU by batch 0, moved to the logits' device by the next batch
+        assert adalabel.training_margins.device.type == "meta"
+    else:
+        assert adalabel.training_margins is None
 
 
 @pytest.mark.parametrize("samples", ["misclassified", "all", "correct"])
@@ -225,6 +240,10 @@ PER_BATCH_FUNCTIONS = [
     fused._SparseSoftLabelCrossEntropy.backward,
     AdaLabel.loss,
     AdaLabel._engine_for,
+    AdaLabel._margins_for,
+    callback._check_index,
+    training_margins.batch_margins,
+    TrainingMargins.add,
     AdaLabel.on_train_batch_start,
     AdaLabel.on_train_batch_end,
     AdaLabelMixin.adalabel_loss,
