@@ -115,7 +115,7 @@ def test_notebook_is_committed_executed_with_its_pictures(name):
 # the one place the notebook sets it (the suite's largest cost otherwise, two minutes on 2 cores).
 FEWER_EPOCHS = {
     "bring_your_own_module.ipynb": ("max_epochs=20,", "max_epochs=2,"),
-    "find_label_errors.ipynb": ("def train(y, epochs=15, seed=0):", "def train(y, epochs=2, seed=0):"),
+    "find_label_errors.ipynb": ("def train(y, epochs=30, seed=0):", "def train(y, epochs=2, seed=0):"),
     "noisy_labels.ipynb": ('NOISE, NOISE_TYPE, EPOCHS = 0.4, "flip", 30', 'NOISE, NOISE_TYPE, EPOCHS = 0.4, "flip", 2'),
     "quick_start.ipynb": ("NOISE, EPOCHS, SEEDS = 0.3, 30, [0, 1]", "NOISE, EPOCHS, SEEDS = 0.3, 2, [0, 1]"),
 }
