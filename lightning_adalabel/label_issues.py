@@ -202,20 +202,19 @@ def find_label_issues(
             f" {type(model).__name__} does not. Declare `class {type(model).__name__}(AdaLabelMixin, LightningModule)`"
             " and train it with `self.adalabel_loss(logits, y)` and the AdaLabel callback."
         )
-    callback = model._adalabel_callback
-    margins = callback.training_margins if callback is not None else None
-    if cut_off is None:
-        cut_off = "misclassified" if margins is None else "margin"
-    check_choice("cut_off", cut_off, CUT_OFFS)
+    if cut_off is not None:
+        check_choice("cut_off", cut_off, CUT_OFFS)
     check_bool("keep_probabilities", keep_probabilities)
     check_int("log_top", log_top, minimum=0)
     _check_loader(dataloader)
-    _check_margins(margins, cut_off, dataloader)
+    callback = model._adalabel_callback
+    if ckpt_path is None:  # else the checkpoint, restored by the pass, brings the margins: checked then
+        _check_margins(callback.training_margins if callback is not None else None, cut_off, dataloader)
     if cut_off == "cleanlab":
         _import_cleanlab()  # before the pass, not after it
     if ignore_index is None:
         ignore_index = getattr(callback, "ignore_index", -100)
-    collector = _Collector(keep_probabilities or cut_off == "cleanlab", margins)
+    collector = _Collector(keep_probabilities or cut_off == "cleanlab", cut_off, dataloader)
     if trainer is None:
         defaults = dict(logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False)
@@ -224,7 +223,9 @@ def find_label_issues(
         raise ValueError(f"Pass either a `trainer` or Trainer settings, not both (got {sorted(trainer_kwargs)}).")
 
     def predict_step(batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
-        engine = callback.engine if callback is not None else None
+        # The callback the pass attached (the Trainer's AdaLabel, with a restored checkpoint's Q), else the training's.
+        attached = model._adalabel_callback
+        engine = attached.engine if attached is not None else None
         return _positions(*logits_and_target(model, batch), ignore_index, engine)
 
     # The pass runs the module's own hooks (device transfer, eval mode, precision) with this step in place of the
@@ -242,7 +243,7 @@ def find_label_issues(
     num_invalid, num_classes = int(found.pop("invalid").sum()), found.pop("num_classes")
     if num_invalid:
         raise ValueError(invalid_targets_message(num_invalid, None, False, num_classes, ignore_index))
-    issues = _label_issues(found, cut_off)
+    issues = _label_issues(found, collector.cut_off)
     if log_top:
         log_top_suspects(trainer, issues, log_top)
     return issues
@@ -263,7 +264,7 @@ def _check_loader(dataloader: Any) -> None:
         )
 
 
-def _check_margins(margins: Optional[TrainingMargins], cut_off: str, dataloader: DataLoader) -> None:
+def _check_margins(margins: Optional[TrainingMargins], cut_off: Optional[str], dataloader: DataLoader) -> None:
     if margins is None:
         if cut_off == "margin":
             raise ValueError(
@@ -321,16 +322,24 @@ class _Collector(BasePredictionWriter):
     """Keeps each batch's per-position results on the device (no host sync), with the dataset indices that the
     predict loop reports, and gathers them across processes at the end of the pass."""
 
-    def __init__(self, keep_probabilities: bool, margins: Optional[TrainingMargins] = None) -> None:
+    def __init__(self, keep_probabilities: bool, cut_off: Optional[str], dataloader: DataLoader) -> None:
         super().__init__(write_interval="batch")
         self.keep_probabilities = keep_probabilities
-        self.margins = margins
+        self.cut_off = cut_off
+        self.dataloader = dataloader
+        self.margins: Optional[TrainingMargins] = None
         self.parts: Dict[str, List[Tensor]] = {}
         self.num_classes = 0
         self.result: Optional[Dict[str, Any]] = None
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.parts, self.result = {}, None
+        # Here, not before the pass: a checkpoint given as `ckpt_path` has been restored by now, margins included.
+        callback = getattr(pl_module, "_adalabel_callback", None)
+        self.margins = callback.training_margins if callback is not None else None
+        _check_margins(self.margins, self.cut_off, self.dataloader)
+        if self.cut_off is None:
+            self.cut_off = "misclassified" if self.margins is None else "margin"
 
     def write_on_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", prediction: Dict[str, Tensor],

@@ -7,6 +7,7 @@ launch)."""
 import math
 from typing import Any, Dict
 
+import lightning as L
 import pytest
 import torch
 from torch import Tensor
@@ -212,3 +213,17 @@ def test_indexed_dataset_appends_the_index_to_every_kind_of_sample():
     data = TensorDataset(torch.zeros(2))
     data.classes = ["a", "b"]
     assert IndexedDataset(data).classes == ["a", "b"]  # the wrapped set's attributes
+
+
+def test_a_checkpoint_brings_its_margins_to_find_label_issues(tmp_path):
+    """``ckpt_path=``: the pass restores the checkpoint's AdaLabel state, whose margins then rank (a fresh callback,
+    in a fresh Trainer, held none before)."""
+    callback, model = AdaLabel(), TinyClassifier()
+    trainer, _ = fit(callback, model, indexed_loader(), max_epochs=2)
+    path = str(tmp_path / "run.ckpt")
+    trainer.save_checkpoint(path)
+    fresh = L.Trainer(**trainer_kwargs(callbacks=[AdaLabel()]))
+    found = find_label_issues(TinyClassifier(), make_loader(num_samples=NUM_SAMPLES), fresh, ckpt_path=path)
+    assert found.cut_off == "margin" and torch.equal(found.margin, callback.training_margins.mean())
+    with pytest.raises(ValueError, match="kept margins for 90 training samples, but the loader's data set has 40"):
+        find_label_issues(TinyClassifier(), make_loader(num_samples=40), fresh, ckpt_path=path)
