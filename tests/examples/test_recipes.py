@@ -22,7 +22,7 @@ from lightning_adalabel.examples.recipes import format_recipe_list, recipe_paths
 from lightning_adalabel.examples.recipes.lightning_cli import run
 from lightning_adalabel.examples.recipes.text import NGRAM_HASH_MULTIPLIER, HashingTokenizer, TextClassificationDataModule, read_labeled_csv
 from lightning_adalabel.examples.recipes.vision import ImageClassifier
-from lightning_adalabel.examples.recipes.vision_data import CIFAR10DataModule, CIFAR100DataModule
+from lightning_adalabel.examples.recipes.vision_data import CIFAR10DataModule, CIFAR100DataModule, ImageNetDataModule
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES = [
@@ -184,13 +184,16 @@ def assert_trained_and_evaluated(values: Dict[str, float], split: str = "val") -
 
 
 class RecordTrainTargets(pl.Callback):
-    """Keeps the targets of the training batches as the training step received them (after the batch transfer)."""
+    """Keeps the targets and the samples' indices of the training batches as the training step received them (after
+    the batch transfer)."""
 
     def __init__(self) -> None:
         self.targets: List[torch.Tensor] = []
+        self.indices: List[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.targets.append(batch[1].detach().cpu())
+        self.indices.append(batch[2].detach().cpu())
 
 
 # ---- the `adalabel` command ------------------------------------------------------------------------------------------
@@ -271,6 +274,10 @@ def test_cifar10_recipe_fit_validate_test(data_root, tmp_path):
     assert callback.preset_name == "ols" and callback.preset.alpha == 0.3
     assert callback.label_matrix.num_classes == 10 and callback.label_matrix.num_refreshes == 1
     assert type(cli.model.net).__name__ == "ResNet" and cli.model.net.conv1.kernel_size == (3, 3)  # CIFAR stem
+    # The training batches carried the samples' indices: each of the 2 x 4 samples trained on has its margin.
+    margins = callback.training_margins
+    assert margins.num_samples == len(cli.datamodule.label_issues_set()) == 40
+    assert margins.count.sum() == 8 and set(margins.count.tolist()) == {0.0, 1.0}
     checkpoint = next((out / "lightning_logs").glob("version_*/checkpoints/last.ckpt"))
 
     validated = run(["validate", *args, "--adalabel.preset", "ols", "--adalabel.alpha", "0.3",
@@ -279,7 +286,7 @@ def test_cifar10_recipe_fit_validate_test(data_root, tmp_path):
     assert main(["test", *args, "--adalabel.preset", "ols", "--adalabel.alpha", "0.3", "--ckpt_path", str(checkpoint)]) == 0
 
 
-def test_cifar100_recipe_with_mixup_and_cutmix_feeds_probabilities_to_alr(data_root, tmp_path):
+def test_cifar100_recipe_with_mixup_and_cutmix_feeds_probabilities_to_alr(data_root, tmp_path, caplog):
     cli = run([
         "fit", *cifar_args("cifar100", data_root, tmp_path), "--model.mixup_alpha", "0.2", "--model.cutmix_alpha", "1.0",
         "--adalabel.refresh_every_n_steps", "1", "--trainer.callbacks+=tests.examples.test_recipes.RecordTrainTargets",
@@ -292,6 +299,10 @@ def test_cifar100_recipe_with_mixup_and_cutmix_feeds_probabilities_to_alr(data_r
         assert target.shape == (4, 100) and target.is_floating_point()
         torch.testing.assert_close(target.sum(dim=1), torch.ones(4))
     assert adalabel_callback(cli.trainer).label_matrix.num_refreshes == 2  # refreshed after each of the 2 steps
+    # The batches carry the samples' indices, but a mixed sample has no label to measure a margin for: none are kept.
+    assert all(index.shape == (4,) for index in recorder.indices)
+    assert adalabel_callback(cli.trainer).training_margins is None
+    assert "MixUp/CutMix mix every training batch, so AdaLabel keeps no training margins" in caplog.text
 
 
 def test_cifar_missing_data_names_the_download_flag(tmp_path):
@@ -337,6 +348,21 @@ def test_imagenet_recipe_runs_with_ddp_on_two_cpu_processes(data_root, tmp_path)
     )
     (state,) = [value for key, value in checkpoint["callbacks"].items() if key.startswith("AdaLabel")]
     assert state["label_matrix"]["matrix"].shape == (3, 3)
+    # The margins of the whole training set's 12 images; the two processes' shards (2 steps of 2 each) summed.
+    margins = state["training_margins"]
+    assert margins["num_samples"] == 12 and margins["count"].sum() == 8 and margins["count"].max() == 1
+
+
+def test_imagenet_label_issues_set_is_the_training_set_without_augmentation(data_root):
+    """The images that `adalabel label-issues` scores: the training folder in the training set's order (its indices
+    are the training margins'), through the validation transform (no random crop)."""
+    data = ImageNetDataModule(str(data_root / "imagenet" / "train"), str(data_root / "imagenet" / "val"),
+                              train_crop_size=32, val_resize_size=36, val_crop_size=32, num_workers=0)
+    data.setup("fit")
+    scored = data.label_issues_set()
+    assert scored.samples == data.train_set.samples
+    first, again = scored[5][0], scored[5][0]
+    assert first.shape == (3, 32, 32) and torch.equal(first, again)
 
 
 def test_imagenet_recipe_predict_gives_class_probabilities(data_root, tmp_path):

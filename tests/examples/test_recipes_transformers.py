@@ -155,15 +155,15 @@ def text_root(tmp_path_factory) -> Path:
 
 
 class RecordTrainBatches(pl.Callback):
-    """Keeps the inputs and targets of the training batches as the training step received them."""
+    """Keeps the inputs, targets and samples' indices of the training batches as the training step received them."""
 
     def __init__(self) -> None:
         self.batches: List = []
         self.dropout_active: List[bool] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        inputs, target = batch
-        self.batches.append(({name: value.cpu() for name, value in inputs.items()}, target.cpu()))
+        inputs, target, index = batch
+        self.batches.append(({name: value.cpu() for name, value in inputs.items()}, target.cpu(), index.cpu()))
         self.dropout_active.append(all(module.training for module in pl_module.net.modules()))
 
 
@@ -216,11 +216,15 @@ def test_bert_text_recipe_fits_a_local_checkpoint(recipe, text_root, tiny_bert, 
     sep_id = cli.datamodule.tokenizer.sep_token_id
     # from_pretrained returns an eval-mode model; the recipe trains it in train mode (dropout on)
     assert recorder(cli.trainer).dropout_active == [True, True]
-    for inputs, target in recorder(cli.trainer).batches:  # truncated to max_length, [SEP] kept
+    for inputs, target, index in recorder(cli.trainer).batches:  # truncated to max_length, [SEP] kept
         assert inputs["input_ids"].shape[0] == 4 and inputs["input_ids"].shape[1] <= 24
         last_tokens = inputs["input_ids"].gather(1, inputs["attention_mask"].sum(dim=1, keepdim=True) - 1)
         assert (last_tokens == sep_id).all()
         assert target.shape == (4,) and int(target.max()) < num_classes
+        assert "index" not in inputs  # the sample's, not an input of the model
+        assert target.tolist() == [cli.datamodule.train_set.labels[sample] for sample in index.tolist()]
+    margins = adalabel_callback(cli.trainer).training_margins  # the samples' indices reached adalabel_loss
+    assert margins.num_samples == 24 and margins.count.sum() == 8
 
     # dynamic padding: a batch is padded to its longest text, not to max_length
     collate = cli.datamodule.collate_fn
@@ -320,6 +324,9 @@ def test_conll_recipe_trains_tags_and_reports_entity_f1(conll_root, tiny_bert, t
     assert torch.isfinite(torch.tensor(values["train/loss"]))
     assert isinstance(cli.model.net, transformers.BertForTokenClassification)
     assert cli.model.net.config.id2label[3] == "B-ORG"
+    # One label per word: the training batches carry no sample index, and no training margins are kept.
+    assert len(next(iter(cli.datamodule.train_dataloader()))) == 2
+    assert adalabel_callback(cli.trainer).training_margins is None
 
     # Q is learned over the 9 tags from every labelled word piece; the model reports its most confused tag pairs
     matrix = assert_label_matrix_refreshed(cli.trainer, len(CONLL2003_TAGS))

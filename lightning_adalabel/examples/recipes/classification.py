@@ -96,9 +96,11 @@ class ClassificationModule(AdaLabelMixin, pl.LightningModule):
 
     # ---- steps ------------------------------------------------------------------------------------------------
 
-    def training_step(self, batch: Tuple[Any, Tensor], batch_idx: int) -> Tensor:
-        inputs, target = batch  # target: class indices, or B x K probabilities after MixUp/CutMix
-        loss = self.adalabel_loss(self(inputs), target)
+    def training_step(self, batch: Tuple[Any, ...], batch_idx: int) -> Tensor:
+        """``(inputs, target, index)`` batches (the recipes' data modules index the training samples), or
+        ``(inputs, target)``; ``target``: class indices, or B x K probabilities after MixUp/CutMix."""
+        inputs, target, index = batch if len(batch) == 3 else (*batch, None)
+        loss = self.adalabel_loss(self(inputs), target, index=margin_index(target, index))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
@@ -174,6 +176,21 @@ class ClassificationModule(AdaLabelMixin, pl.LightningModule):
         if not math.isfinite(batches):  # an iterable data set of unknown length: warm-up is counted in steps of 1
             return 1.0
         return max(1.0, batches / self.trainer.accumulate_grad_batches)
+
+
+def margin_index(target: Tensor, index: Optional[Tensor]) -> Optional[Tensor]:
+    """The ``index`` to pass to ``adalabel_loss``: the samples' indices with class-index targets, ``None`` with the
+    probability targets of MixUp/CutMix, which give a sample no single label to measure a margin for. AdaLabel
+    averages each sample's margin over the steps that passed its index, so a run whose batches are all mixed keeps
+    no training margins, and ``adalabel label-issues`` ranks by the trained model's probabilities.
+
+    Example:
+        >>> margin_index(torch.tensor([2, 0]), torch.tensor([7, 3])).tolist()
+        [7, 3]
+        >>> margin_index(torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([7, 3])) is None
+        True
+    """
+    return None if target.is_floating_point() else index
 
 
 def lr_multiplier(schedule: str, total_steps: int, warmup_steps: int = 0) -> Callable[[int], float]:

@@ -1,13 +1,15 @@
 """Data-loading helpers shared by the image and text recipes (no torchvision import)."""
 
 import codecs
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.data import suggested_max_num_workers
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_adalabel import IndexedDataset
 
 
 def make_loader(
@@ -32,6 +34,23 @@ def make_loader(
     )
 
 
+class IndexedTrainingSet(IndexedDataset):
+    """:class:`~lightning_adalabel.IndexedDataset`, with the indices also where the DataLoader fetches a whole batch at
+    once: it calls ``dataset.__getitems__`` where there is one, which IndexedDataset forwards to the wrapped set (a
+    ``Subset``, the hold-out split's training part, has one), so the samples would come without their indices.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import Subset, TensorDataset
+        >>> rows = Subset(TensorDataset(torch.arange(6.0), torch.tensor([0, 1, 0, 1, 0, 1])), [4, 1, 3])
+        >>> next(iter(DataLoader(IndexedTrainingSet(rows), batch_size=3)))[2]
+        tensor([0, 1, 2])
+    """
+
+    def __getitems__(self, indices: List[int]) -> List[Any]:
+        return [self[index] for index in indices]
+
+
 class SplitDataModule(pl.LightningDataModule):
     """A data module whose ``setup`` fills ``train_set``, ``val_set`` and (optionally) ``test_set``; every loader is
     :func:`make_loader` with the subclass's ``batch_size``, ``num_workers``, ``pin_memory`` and ``persistent_workers``,
@@ -40,9 +59,18 @@ class SplitDataModule(pl.LightningDataModule):
     memory speeds up copies to a GPU and does nothing else).
 
     Without a ``test_set`` the validation split doubles as the test and predict split.
+
+    The training batches carry each sample's index in ``train_set`` (``(x, y, index)``, or a mapping's ``"index"``:
+    :class:`~lightning_adalabel.IndexedDataset`), for the model to pass to ``adalabel_loss(..., index=index)``: AdaLabel
+    then averages each training sample's logit margin over the run, and ``adalabel label-issues`` ranks the samples of
+    :meth:`label_issues_set`, the same samples in the same order, by it. The validation, test and predict batches
+    carry no index.
     """
 
     collate_fn: Optional[Callable] = None
+    #: Whether the training batches carry the samples' indices (see above); False where the model cannot pass them
+    #: (token classification: the training margins need one class label per sample).
+    index_training_samples = True
     train_set: Optional[Dataset] = None
     val_set: Optional[Dataset] = None
     test_set: Optional[Dataset] = None
@@ -77,7 +105,8 @@ class SplitDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        train_set = IndexedTrainingSet(self.train_set) if self.index_training_samples else self.train_set
+        return self._loader(train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
@@ -90,7 +119,8 @@ class SplitDataModule(pl.LightningDataModule):
 
     def label_issues_set(self) -> Dataset:
         """The training samples that ``adalabel label-issues`` scores (after ``setup("fit")``): the training set, or
-        in a subclass the same samples without random augmentation."""
+        in a subclass the same samples without random augmentation. Sample ``i`` here must be sample ``i`` of
+        ``train_set``: the training batches' indices, and with them the training margins, count in ``train_set``."""
         return self.train_set  # type: ignore[return-value]
 
     def label_issues_dataloader(self) -> DataLoader:

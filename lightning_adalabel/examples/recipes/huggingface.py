@@ -34,6 +34,7 @@ except ImportError as error:  # the recipes' CLI prints this message in one line
     ) from error
 
 Batch = Tuple[Dict[str, Tensor], Tensor]  # (tokenised inputs: input_ids, attention_mask, ...; labels)
+IndexedBatch = Tuple[Dict[str, Tensor], Tensor, Tensor]  # a training batch: (inputs, labels, the samples' indices)
 # `--model.config`: a mapping, or its YAML/JSON text. jsonargparse hands over the text of a value it cannot read as a
 # mapping, so that the YAML error (which it would drop) is told here.
 ModelConfig = Union[Dict[str, Any], str]
@@ -83,15 +84,18 @@ def load_tokenizer(name_or_path: str, for_word_lists: bool = False) -> Any:
 class PadToLongest:
     """Collate tokenised samples into ``(inputs, labels)``: inputs padded to the batch's longest sample by the
     tokenizer (``DataCollatorWithPadding``), labels as a tensor. ``labels`` may be per sample or per token (the
-    token-classification collator pads them with -100)."""
+    token-classification collator pads them with -100). Samples with an ``"index"`` (the training set's, from
+    :class:`~lightning_adalabel.IndexedDataset`) give ``(inputs, labels, indices)``: the index is the sample's, not
+    an input of the model."""
 
     def __init__(self, tokenizer: Any, pad_labels: bool = False) -> None:
         collator = transformers.DataCollatorForTokenClassification if pad_labels else transformers.DataCollatorWithPadding
         self.collator = collator(tokenizer)
 
-    def __call__(self, samples: List[Mapping[str, Any]]) -> Batch:
+    def __call__(self, samples: List[Mapping[str, Any]]) -> Union[Batch, IndexedBatch]:
         batch = dict(self.collator(list(samples)))
-        return batch, batch.pop("labels")
+        labels, index = batch.pop("labels"), batch.pop("index", None)
+        return (batch, labels) if index is None else (batch, labels, index)
 
 
 def model_type_of(name_or_path: str) -> Optional[str]:

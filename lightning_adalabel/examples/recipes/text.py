@@ -213,13 +213,21 @@ class HashedTextDataset(Dataset):
         return self.tokenizer(self.texts[index]), self.labels[index]
 
 
-def collate_bags(samples: Sequence[Tuple[Tensor, int]]) -> Tuple[Bag, Tensor]:
-    """Concatenate variable-length id sequences into one flat tensor plus offsets, ``nn.EmbeddingBag``'s input."""
+def collate_bags(samples: Sequence[Tuple[Any, ...]]) -> Tuple[Any, ...]:
+    """Concatenate variable-length id sequences into one flat tensor plus offsets, ``nn.EmbeddingBag``'s input:
+    ``(ids, label)`` samples give ``((ids, offsets), labels)``; the training set's ``(ids, label, index)`` samples
+    (:class:`~lightning_adalabel.IndexedDataset`) give ``((ids, offsets), labels, indices)``.
+
+    Example:
+        >>> (ids, offsets), labels, index = collate_bags([(torch.tensor([4, 5]), 1, 7), (torch.tensor([6]), 0, 2)])
+        >>> ids.tolist(), offsets.tolist(), labels.tolist(), index.tolist()
+        ([4, 5, 6], [0, 2], [1, 0], [7, 2])
+    """
     ids = [sample[0] for sample in samples]
     lengths = torch.tensor([0] + [len(sample_ids) for sample_ids in ids[:-1]], dtype=torch.long)
     offsets = lengths.cumsum(dim=0)
-    labels = torch.tensor([sample[1] for sample in samples], dtype=torch.long)
-    return (torch.cat(ids), offsets), labels
+    labels, *index = (torch.tensor(column, dtype=torch.long) for column in list(zip(*samples))[1:])
+    return ((torch.cat(ids), offsets), labels, *index)
 
 
 class LabeledCSVDataModule(SplitDataModule, abc.ABC):

@@ -288,6 +288,9 @@ class CoNLLDataModule(SplitDataModule):
 
     # What a trained model depends on: a run from its checkpoint refuses other values (recipes/resume.py).
     model_input_settings = ("tags", "tokenizer", "to_iob2")
+    # AdaLabel's training margins are one per sample with one label; a sentence has a label per word, so the training
+    # batches carry no index and `adalabel label-issues` ranks the words by the trained model's probabilities.
+    index_training_samples = False
 
     def __init__(
         self,

@@ -5,6 +5,7 @@ import difflib
 from typing import Any, Dict, List, Optional
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchvision import models
 from torchvision.transforms import v2
@@ -135,7 +136,10 @@ class ImageClassifier(ClassificationModule):
 
     MixUp/CutMix run on the device, after the batch is transferred, on training batches only; the resulting
     probability targets go to ``self.adalabel_loss``, whose loss is linear in the target, so a mixed target
-    ``lam * a + (1 - lam) * b`` costs exactly ``lam * loss(a) + (1 - lam) * loss(b)``.
+    ``lam * a + (1 - lam) * b`` costs exactly ``lam * loss(a) + (1 - lam) * loss(b)``. A mixed sample has no single
+    label to measure a margin for, so mixed batches train without the samples' indices: with MixUp/CutMix on, AdaLabel
+    keeps no training margins, and ``adalabel label-issues`` ranks by the trained model's probabilities (the fit says
+    so when it starts).
 
     Lightning warns once per process that this model overrides ``on_after_batch_transfer`` while a data module is
     passed; that is intended (the mixing belongs to the model's training, not to the data). ``adalabel fit`` hides
@@ -161,6 +165,14 @@ class ImageClassifier(ClassificationModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.batch_mixing = build_batch_mixing(num_classes, mixup_alpha, cutmix_alpha)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.batch_mixing is not None:
+            rank_zero_info(
+                "adalabel: MixUp/CutMix mix every training batch, so AdaLabel keeps no training margins (a mixed sample"
+                " has no single label); `adalabel label-issues` will rank by the trained model's probabilities"
+            )
+
     def mix_batch(self, images: Tensor, target: Tensor) -> "tuple[Tensor, Tensor]":
         """MixUp/CutMix one training batch: ``(images, class indices)`` -> ``(images, B x K probabilities)``."""
         if self.batch_mixing is None:
@@ -168,9 +180,9 @@ class ImageClassifier(ClassificationModule):
         return self.batch_mixing(images, target)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        images, target = batch
+        images, target, *index = batch  # training batches also carry the samples' indices
         if self.trainer.training:
             images, target = self.mix_batch(images, target)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, target
+        return (images, target, *index)

@@ -7,8 +7,9 @@ An image that cannot be decoded stops the run with its path (see :class:`Unreada
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Optional, Sequence, Tuple, Type
 
 import torch
 from torch.utils.data import Dataset, Subset, default_collate
@@ -181,12 +182,14 @@ class CIFAR100DataModule(CIFAR10DataModule):
 # ---- ImageNet ------------------------------------------------------------------------------------------------
 
 
-class UnreadableImage(NamedTuple):
+@dataclass(frozen=True)
+class UnreadableImage:
     """An image file that could not be decoded, carried from the loader worker to the main process as a batch.
 
     Raised in the worker, the error would reach the main process re-wrapped by PyTorch, as a worker traceback without
     the file's path in its last line; carried as a batch, it is raised by
-    :meth:`ImageNetDataModule.on_before_batch_transfer` with the path, the cause and the fix in one line.
+    :meth:`ImageNetDataModule.on_before_batch_transfer` with the path, the cause and the fix in one line. Not a tuple:
+    IndexedDataset would unpack a tuple sample into ``(path, cause, index)`` and lose what it is.
     """
 
     path: str
@@ -218,9 +221,13 @@ class _ImageFolder(datasets.ImageFolder):
 
 
 def collate_images(samples: Sequence[Any]) -> Any:
-    """``default_collate`` of ``(image, label)`` samples, or the first :class:`UnreadableImage` among them."""
-    unreadable = [sample for sample in samples if isinstance(sample, UnreadableImage)]
-    return unreadable[0] if unreadable else default_collate(samples)
+    """``default_collate`` of ``(image, label)`` or ``(image, label, index)`` samples, or the first
+    :class:`UnreadableImage` among them (a training sample's comes indexed, ``(UnreadableImage, index)``)."""
+    for sample in samples:
+        unreadable = sample[0] if isinstance(sample, tuple) else sample
+        if isinstance(unreadable, UnreadableImage):
+            return unreadable
+    return default_collate(samples)
 
 
 def _has_image(folder: str) -> bool:
@@ -326,6 +333,11 @@ class ImageNetDataModule(SplitDataModule):
                 f" ({len(self.val_set.classes)}) differ. Arrange the validation images in the same class sub-folders"
                 " as the training images (e.g. with the usual ImageNet `valprep.sh`)."
             )
+
+    def label_issues_set(self) -> Dataset:
+        """The training images with the validation transform (resize, center crop), in the training set's order: a
+        label is judged on the image as it is, not on a random crop."""
+        return self._image_folder(self.train_root, "train_root", self.eval_transform())
 
     @staticmethod
     def _check_folder(root: str, argument: str) -> None:
