@@ -1,25 +1,34 @@
 """``adalabel label-issues --config <recipe> --ckpt_path <checkpoint>``: the training samples whose labels are
 probably wrong, as a CSV file sorted most suspect first.
 
-The recipe's model is loaded from the checkpoint (with the AdaLabel state saved in it, whose label matrix weights the
-suggested labels) and :func:`lightning_adalabel.find_label_issues` scores every training sample, unshuffled, through
-the recipe's Trainer (``--trainer.*``: devices, precision). One row per sample: ``index`` (its row in the data set's
-training file or folder: ``train.csv``'s row, the CIFAR training image), ``given`` and ``suggested`` (0-based classes,
-as ``adalabel predict`` writes them), ``score`` (the model's probability of the given label) and ``is_issue`` (1 where
-the cut-off flags it). Options of its own: ``--output`` (default ``label_issues.csv``), ``--cut_off``
-(``misclassified``, ``cleanlab`` or ``none``) and ``--only_issues`` (write the flagged rows only).
+The recipe's model is loaded from the checkpoint (with the AdaLabel state saved in it: the label matrix, which weights
+the suggested labels, and the training margins) and :func:`lightning_adalabel.find_label_issues` scores every
+training sample, unshuffled, through the recipe's Trainer (``--trainer.*``: devices, precision). One row per sample:
+``index`` (its row in the data set's training file or folder: ``train.csv``'s row, the CIFAR training image),
+``given`` and ``suggested`` (0-based classes, as ``adalabel predict`` writes them), ``score`` (the model's probability
+of the given label), ``margin`` (the sample's logit margin averaged over the training run, which ``adalabel fit``
+keeps since the recipes' training batches carry the samples' indices) and ``is_issue`` (1 where the cut-off flags it).
+The rows are sorted by ``margin``, or by ``score`` for a checkpoint without training margins (written before they
+existed, or by a run whose batches were all MixUp/CutMix-mixed, or a token classifier's), which has no ``margin``
+column. Options of its own: ``--output`` (default ``label_issues.csv``), ``--cut_off`` (``margin``, the default where
+the checkpoint has the training margins: a negative average margin; ``misclassified``, the default otherwise;
+``cleanlab`` or ``none``) and ``--only_issues`` (write the flagged rows only).
 """
 
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset, Subset
 
-from lightning_adalabel import find_label_issues
+from lightning_adalabel import AdaLabel, find_label_issues
 from lightning_adalabel.label_issues import CUT_OFFS
+from lightning_adalabel.training_margins import TrainingMargins
 
-OWN_OPTIONS = {"--output": "label_issues.csv", "--cut_off": "misclassified", "--only_issues": "false"}
+# --cut_off "": find_label_issues' default, "margin" where the checkpoint has training margins, else "misclassified".
+OWN_OPTIONS = {"--output": "label_issues.csv", "--cut_off": "", "--only_issues": "false"}
 
 
 def split_arguments(args: List[str]) -> Tuple[Dict[str, str], List[str]]:
@@ -28,7 +37,7 @@ def split_arguments(args: List[str]) -> Tuple[Dict[str, str], List[str]]:
     Example:
         >>> own, rest = split_arguments(["--config", "agnews", "--ckpt_path=a.ckpt", "--output", "x.csv"])
         >>> own["--ckpt_path"], own["--output"], own["--cut_off"], rest
-        ('a.ckpt', 'x.csv', 'misclassified', ['--config', 'agnews'])
+        ('a.ckpt', 'x.csv', '', ['--config', 'agnews'])
     """
     own = dict(OWN_OPTIONS, **{"--ckpt_path": ""})
     rest: List[str] = []
@@ -63,7 +72,7 @@ def main(args: List[str]) -> int:
         )
     if not os.path.isfile(own["--ckpt_path"]):
         raise FileNotFoundError(f"--ckpt_path {own['--ckpt_path']}: no such file. Pass a checkpoint of `adalabel fit`.")
-    if own["--cut_off"] not in CUT_OFFS:
+    if own["--cut_off"] and own["--cut_off"] not in CUT_OFFS:
         raise ValueError(f"invalid value {own['--cut_off']!r} for --cut_off; choose one of: {', '.join(CUT_OFFS)}")
     only_issues = own["--only_issues"].lower() in ("true", "1", "yes")
     from lightning_adalabel.examples.recipes.lightning_cli import build
@@ -78,7 +87,9 @@ def main(args: List[str]) -> int:
         )
     data.setup("fit")
     dataset = label_issues_set()
-    found = find_label_issues(cli.model, data.label_issues_dataloader(), cli.trainer, cut_off=own["--cut_off"],
+    margins = restore_adalabel_state(cli.trainer, cli.model, own["--ckpt_path"])
+    check_margins(margins, own["--cut_off"], len(dataset), own["--ckpt_path"])
+    found = find_label_issues(cli.model, data.label_issues_dataloader(), cli.trainer, cut_off=own["--cut_off"] or None,
                               ckpt_path=own["--ckpt_path"])
     rows = source_rows(dataset)
     if rows is not None:  # the row in the training file, not in the split that was trained on
@@ -86,7 +97,39 @@ def main(args: List[str]) -> int:
     if cli.trainer.global_rank == 0:
         written = found.to_csv(own["--output"], only_issues=only_issues)
         rank_zero_info(
-            f"adalabel: {int(found.is_issue.sum())} of {len(found)} training samples flagged ({own['--cut_off']}"
-            f" cut-off); wrote {written} rows, most suspect first, to {own['--output']}"
+            f"adalabel: {int(found.is_issue.sum())} of {len(found)} training samples flagged ({found.cut_off}"
+            f" cut-off); wrote {written} rows, most suspect first (by {found.ranked_by}), to {own['--output']}"
         )
     return 0
+
+
+def restore_adalabel_state(trainer: pl.Trainer, model: pl.LightningModule, ckpt_path: str) -> Optional[TrainingMargins]:
+    """The checkpoint's AdaLabel state (label matrix, training margins) in the recipe's callback, attached to the
+    model, before the pass: ``find_label_issues`` picks its ranking and default cut-off from the callback's training
+    margins before ``trainer.predict`` restores ``ckpt_path`` (which then restores the same state again). Returns the
+    training margins, ``None`` where the checkpoint has none."""
+    callback = next((each for each in trainer.callbacks if isinstance(each, AdaLabel)), None)
+    # mmap: the model's weights and optimizer state are not read, only the AdaLabel state.
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    state = checkpoint.get("callbacks", {}).get(callback.state_key) if callback is not None else None
+    if state is None:  # not written by `adalabel fit`: trainer.predict says what is missing
+        return None
+    callback.setup(trainer, model, "predict")  # as trainer.predict does: other settings are then told, not refused
+    callback.load_state_dict(state)
+    return callback.training_margins
+
+
+def check_margins(margins: Optional[TrainingMargins], cut_off: str, num_samples: int, ckpt_path: str) -> None:
+    """Refuse ``--cut_off margin`` for a checkpoint without training margins, and margins of another training set."""
+    if margins is None and cut_off == "margin":
+        raise ValueError(
+            f"--cut_off margin needs the training margins, and {ckpt_path} has none (written before `adalabel fit`"
+            " kept them, or by a run whose training batches were all MixUp/CutMix-mixed, or a token classifier's):"
+            " leave --cut_off out (misclassified) or train again with `adalabel fit`."
+        )
+    if margins is not None and margins.num_samples != num_samples:
+        raise ValueError(
+            f"{ckpt_path} was trained on {margins.num_samples} training samples, but the recipe's training set has"
+            f" {num_samples} now: give `adalabel label-issues` the same --data options as `adalabel fit` (root,"
+            " val_fraction, seed), so that each training margin is that of the same sample."
+        )
