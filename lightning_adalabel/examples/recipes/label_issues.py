@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset
 
 from lightning_adalabel import AdaLabel, find_label_issues
 from lightning_adalabel.label_issues import CUT_OFFS
-from lightning_adalabel.training_margins import TrainingMargins
+from lightning_adalabel.state_versions import read_callback_state
 
 # --cut_off "": find_label_issues' default, "margin" where the checkpoint has training margins, else "misclassified".
 OWN_OPTIONS = {"--output": "label_issues.csv", "--cut_off": "", "--only_issues": "false"}
@@ -87,8 +87,8 @@ def main(args: List[str]) -> int:
         )
     data.setup("fit")
     dataset = label_issues_set()
-    margins = restore_adalabel_state(cli.trainer, cli.model, own["--ckpt_path"])
-    check_margins(margins, own["--cut_off"], len(dataset), own["--ckpt_path"])
+    margins_size = saved_margins_size(cli.trainer, own["--ckpt_path"])
+    check_margins(margins_size, own["--cut_off"], len(dataset), own["--ckpt_path"])
     found = find_label_issues(cli.model, data.label_issues_dataloader(), cli.trainer, cut_off=own["--cut_off"] or None,
                               ckpt_path=own["--ckpt_path"])
     rows = source_rows(dataset)
@@ -103,33 +103,28 @@ def main(args: List[str]) -> int:
     return 0
 
 
-def restore_adalabel_state(trainer: pl.Trainer, model: pl.LightningModule, ckpt_path: str) -> Optional[TrainingMargins]:
-    """The checkpoint's AdaLabel state (label matrix, training margins) in the recipe's callback, attached to the
-    model, before the pass: ``find_label_issues`` picks its ranking and default cut-off from the callback's training
-    margins before ``trainer.predict`` restores ``ckpt_path`` (which then restores the same state again). Returns the
-    training margins, ``None`` where the checkpoint has none."""
+def saved_margins_size(trainer: pl.Trainer, ckpt_path: str) -> Optional[int]:
+    """How many training samples the checkpoint's AdaLabel state holds margins for; ``None`` without margins (or
+    without an AdaLabel state, which the pass then refuses). Read without the weights (``mmap``), before the pass, so
+    that a mismatch is told in the command's terms."""
     callback = next((each for each in trainer.callbacks if isinstance(each, AdaLabel)), None)
-    # mmap: the model's weights and optimizer state are not read, only the AdaLabel state.
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     state = checkpoint.get("callbacks", {}).get(callback.state_key) if callback is not None else None
-    if state is None:  # not written by `adalabel fit`: trainer.predict says what is missing
-        return None
-    callback.setup(trainer, model, "predict")  # as trainer.predict does: other settings are then told, not refused
-    callback.load_state_dict(state)
-    return callback.training_margins
+    margins = read_callback_state(state)["training_margins"] if isinstance(state, dict) else None
+    return margins.get("num_samples") if isinstance(margins, dict) else None
 
 
-def check_margins(margins: Optional[TrainingMargins], cut_off: str, num_samples: int, ckpt_path: str) -> None:
+def check_margins(margins_size: Optional[int], cut_off: str, num_samples: int, ckpt_path: str) -> None:
     """Refuse ``--cut_off margin`` for a checkpoint without training margins, and margins of another training set."""
-    if margins is None and cut_off == "margin":
+    if margins_size is None and cut_off == "margin":
         raise ValueError(
             f"--cut_off margin needs the training margins, and {ckpt_path} has none (written before `adalabel fit`"
             " kept them, or by a run whose training batches were all MixUp/CutMix-mixed, or a token classifier's):"
             " leave --cut_off out (misclassified) or train again with `adalabel fit`."
         )
-    if margins is not None and margins.num_samples != num_samples:
+    if margins_size is not None and margins_size != num_samples:
         raise ValueError(
-            f"{ckpt_path} was trained on {margins.num_samples} training samples, but the recipe's training set has"
+            f"{ckpt_path} was trained on {margins_size} training samples, but the recipe's training set has"
             f" {num_samples} now: give `adalabel label-issues` the same --data options as `adalabel fit` (root,"
             " val_fraction, seed), so that each training margin is that of the same sample."
         )
