@@ -65,8 +65,10 @@ def task_parts(task: str) -> Tuple[Callable[..., Any], Callable[..., Tuple[Tenso
     return SuperclassMLP, load_superclass_split, NUM_CLASSES, 128
 
 
-def train(task: str, preset: str, split: Tuple[Tensor, ...], seed: int, epochs: int) -> Tuple[Any, float]:
-    """One run of ``preset`` on ``split`` through the benchmarks' harness: the trained model and its test accuracy."""
+def train(task: str, preset: str, split: Tuple[Tensor, ...], seed: int, epochs: int,
+          indexed: bool = True) -> Tuple[Any, float]:
+    """One run of ``preset`` on ``split`` through the benchmarks' harness: the trained model and its test accuracy.
+    ``indexed``: keep the training margins (for scoring the training set itself, not held-out samples)."""
     from lightning_adalabel import AdaLabel
     from lightning_adalabel.examples.demo import train_and_evaluate
 
@@ -78,7 +80,7 @@ def train(task: str, preset: str, split: Tuple[Tensor, ...], seed: int, epochs: 
         return models[-1]
 
     result = train_and_evaluate(make_model, split, AdaLabel(preset=preset, num_classes=num_classes), preset, seed,
-                                0.0, epochs, batch_size, indexed=True)
+                                0.0, epochs, batch_size, indexed=indexed)
     return models[0], result.accuracy
 
 
@@ -148,7 +150,8 @@ def run_one(job: Tuple[str, str, str, int, int, int]) -> Dict[str, object]:
         if method == "cleanlab":  # cross-entropy, each sample scored by the fold model that did not train on it
             probabilities = torch.zeros(len(given), int(given.max()) + 1)
             for part, held_out in folds(len(given), num_folds, seed):
-                model, _ = train(task, "none", (x[part], given[part], x_test, y_test), seed, epochs)
+                # No margins: the fold model scores samples it did not train on.
+                model, _ = train(task, "none", (x[part], given[part], x_test, y_test), seed, epochs, indexed=False)
                 probabilities[held_out] = scored(model, x[held_out], given[held_out]).probabilities
             accuracy = math.nan
             margin = suggested = None
