@@ -357,11 +357,7 @@ class AdaLabel(pl.Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._margins_restored and trainer.global_rank != 0:
-            # A checkpoint holds rank 0's sums of an unfinished epoch; every process restored them, but they are
-            # rank 0's to add at the epoch's end (the other processes' were not saved).
-            self._margins.drop_open_epoch()  # type: ignore[union-attr]
-        self._margins_restored = False
+        self._settle_restored_margins(trainer)
         # Here, not at fit start: the training data are loaded by now (asking earlier would load them out of
         # Lightning's order, before a resumed loader's state is restored).
         every = self.refresh_every_n_steps
@@ -371,6 +367,17 @@ class AdaLabel(pl.Callback):
                 " optimizer steps), so the label matrix would never be refreshed. Lower refresh_every_n_steps, or"
                 " leave it None to refresh at the end of each training epoch."
             )
+
+    @override
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._settle_restored_margins(trainer)  # find_label_issues(ckpt_path=...) sums the open epoch across ranks
+
+    def _settle_restored_margins(self, trainer: "pl.Trainer") -> None:
+        if self._margins_restored and trainer.global_rank != 0:
+            # A checkpoint holds rank 0's sums of an unfinished epoch; every process restored them, but they are
+            # rank 0's to add at the epoch's end (the other processes' were not saved).
+            self._margins.drop_open_epoch()  # type: ignore[union-attr]
+        self._margins_restored = False
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -544,9 +551,11 @@ class AdaLabel(pl.Callback):
             if self._stage in (None, "fit"):
                 raise
             # validate/test/predict need the model's weights, not the label statistics: another AdaLabel setting is
-            # no reason to refuse the evaluation of a checkpoint.
+            # no reason to refuse the evaluation of a checkpoint. The training margins are the run's record of its
+            # samples, whatever the settings: find_label_issues ranks by them.
             rank_zero_warn(f"{mismatch} {self._stage.capitalize()} goes on with this callback's own settings and label"
-                           " matrix; the model's weights come from the checkpoint as usual.")
+                           " matrix; the model's weights (and the training margins) come from the checkpoint.")
+            self._restore_margins(saved["training_margins"])
             return
         engine_state = saved["label_matrix"]
         if engine_state is not None:
@@ -557,23 +566,30 @@ class AdaLabel(pl.Callback):
             with torch.inference_mode(False):  # restored by validate/test too: training adds to these tensors
                 restored = self._new_engine(num_classes, device)
                 restored.load_state_dict(engine_state)  # validates shapes and values before anything is replaced
-        margins_state = saved["training_margins"]
-        if margins_state is not None:
-            device = self._margins.device if self._margins is not None else torch.device("cpu")
-            with torch.inference_mode(False):
-                margins = TrainingMargins.from_state_dict(margins_state, device)  # validated, like the engine
+        margins = self._read_margins(saved["training_margins"])  # validated before anything is replaced, as Q
         self._engine = None if engine_state is None else restored
         self._last_refresh_step = saved["last_refresh_step"]
         self._statistics_epoch = saved["statistics_epoch"]
-        if margins_state is not None:
-            self._margins = margins
-            self._margins_epoch_open = bool(margins_state.get("epoch_open", False))
-            self._margins_restored = True
-        self._pending_margins = []
+        self._restore_margins(saved["training_margins"], margins)
         # Restored mid-fit (the tuner's finders roll the run back after their trial steps, with this callback
         # switched off): what those steps queued or checked belongs to steps that no longer happened.
         self._pending = []
         self._first_batch_checked = self._loss_seen_in_training = False
+
+    def _read_margins(self, state: Optional[Dict[str, Any]]) -> Optional[TrainingMargins]:
+        if state is None:
+            return None
+        device = self._margins.device if self._margins is not None else torch.device("cpu")
+        with torch.inference_mode(False):  # restored by predict too; a later fit adds to them
+            return TrainingMargins.from_state_dict(state, device)
+
+    def _restore_margins(self, state: Optional[Dict[str, Any]], margins: Optional[TrainingMargins] = None) -> None:
+        self._pending_margins = []
+        if state is None:
+            return
+        self._margins = margins if margins is not None else self._read_margins(state)
+        self._margins_epoch_open = bool(state.get("epoch_open", False))
+        self._margins_restored = True
 
     def _check_saved_settings(self, saved: Dict[str, Any]) -> None:
         """Raise a ValueError naming what differs unless the state (read by

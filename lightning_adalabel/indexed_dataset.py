@@ -6,7 +6,7 @@ it which samples a batch holds (``self.adalabel_loss(logits, y, index=index)``, 
 training set makes every sample say it.
 """
 
-from typing import Any, Mapping, Sized
+from typing import Any, List, Mapping, Sized
 
 from torch.utils.data import Dataset
 
@@ -48,8 +48,14 @@ class IndexedDataset(Dataset):
             return (*sample, index)
         return (sample, index)
 
+    def __getitems__(self, indices: List[int]) -> List[Any]:
+        # The DataLoader fetches a whole batch through __getitems__ where a data set has one (Subset does): without
+        # this, the wrapped set's own would answer, and the samples would come without their indices.
+        return [self[index] for index in indices]
+
     def __getattr__(self, name: str) -> Any:
-        # The wrapped set's attributes (classes, targets, ...), as the recipes and users read them.
-        if name == "dataset":  # not set yet (unpickling): no recursion
+        # The wrapped set's attributes (classes, targets, ...), as the recipes and users read them; never a special
+        # name (__getitems__, __getstate__, ...), which would answer for the wrapped set instead of this one.
+        if name == "dataset" or name.startswith("__"):  # `dataset` not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)

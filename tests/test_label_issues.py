@@ -211,6 +211,14 @@ def test_two_ddp_processes_keep_the_margins_of_every_processs_training_steps(ddp
         torch.testing.assert_close(found["margin"], expected)
         assert torch.equal(found["ranking"], ranks[0]["found"]["ranking"])
         assert torch.equal(found["is_issue"], expected < 0)
+    # A checkpoint written in mid-epoch holds rank 0's sums of the open epoch (the other ranks' are not saved), once:
+    # every process restores them, and each must count them once across the processes, not once per process.
+    stopped = [rank["mid_epoch"] for rank in ranks]
+    assert torch.equal(stopped[0]["total"], stopped[1]["total"]) and stopped[1]["epoch_count"].sum() > 0
+    total = stopped[0]["total"] + stopped[0]["epoch_total"]
+    count = stopped[0]["count"] + stopped[0]["epoch_count"]
+    for rank in stopped:
+        torch.testing.assert_close(rank["margin"], total / count)
 
 
 @pytest.mark.slow

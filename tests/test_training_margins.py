@@ -5,13 +5,14 @@ indices and batches it cannot use. Resume (in mid-epoch, on an epoch's last batc
 launch)."""
 
 import math
+import pickle
 from typing import Any, Dict
 
 import lightning as L
 import pytest
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
 
 from lightning_adalabel import AdaLabel, IndexedDataset, find_label_issues
 from lightning_adalabel.training_margins import TrainingMargins, batch_margins
@@ -215,6 +216,14 @@ def test_indexed_dataset_appends_the_index_to_every_kind_of_sample():
     assert IndexedDataset(data).classes == ["a", "b"]  # the wrapped set's attributes
 
 
+def test_a_loader_over_an_indexed_subset_batches_the_indices():
+    """A Subset fetches whole batches (``__getitems__``): the indices must come with them, those of the subset."""
+    rows = Subset(TensorDataset(torch.arange(6.0), torch.tensor([0, 1, 0, 1, 0, 1])), [4, 1, 3])
+    x, y, index = next(iter(DataLoader(IndexedDataset(rows), batch_size=3)))
+    assert x.tolist() == [4.0, 1.0, 3.0] and y.tolist() == [0, 1, 1] and index.tolist() == [0, 1, 2]
+    assert pickle.loads(pickle.dumps(IndexedDataset(rows)))[2][2] == 2  # to DataLoader workers and back
+
+
 def test_a_checkpoint_brings_its_margins_to_find_label_issues(tmp_path):
     """``ckpt_path=``: the pass restores the checkpoint's AdaLabel state, whose margins then rank (a fresh callback,
     in a fresh Trainer, held none before)."""
@@ -227,3 +236,15 @@ def test_a_checkpoint_brings_its_margins_to_find_label_issues(tmp_path):
     assert found.cut_off == "margin" and torch.equal(found.margin, callback.training_margins.mean())
     with pytest.raises(ValueError, match="kept margins for 90 training samples, but the loader's data set has 40"):
         find_label_issues(TinyClassifier(), make_loader(num_samples=40), fresh, ckpt_path=path)
+
+
+def test_a_checkpoint_from_other_settings_still_ranks_by_its_margins(tmp_path):
+    """Evaluating with other AdaLabel settings warns and keeps the callback's Q, but the margins are the run's."""
+    callback, model = AdaLabel(), TinyClassifier()
+    trainer, _ = fit(callback, model, indexed_loader(), max_epochs=1)
+    path = str(tmp_path / "run.ckpt")
+    trainer.save_checkpoint(path)
+    other = L.Trainer(**trainer_kwargs(callbacks=[AdaLabel(preset="ols")]))
+    with pytest.warns(UserWarning, match="the training margins"):
+        found = find_label_issues(TinyClassifier(), make_loader(num_samples=NUM_SAMPLES), other, ckpt_path=path)
+    assert found.cut_off == "margin" and torch.equal(found.margin, callback.training_margins.mean())

@@ -10,6 +10,7 @@ computes the margins that both ranks' :class:`LabelIssues` must hold.
 """
 
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict
@@ -48,4 +49,21 @@ def run_indexed(devices: int, epochs: int = 2) -> Dict[str, Any]:
     trainer = L.Trainer(**trainer_kwargs(devices=devices, max_epochs=epochs, callbacks=[AdaLabel()], **strategy))
     trainer.fit(model, train)
     found = find_label_issues(model, DataLoader(data, batch_size=BATCH_SIZE), trainer)
-    return {"found": asdict(found), "records": model.records}
+    return {"found": asdict(found), "records": model.records, "mid_epoch": _from_a_mid_epoch_checkpoint(strategy)}
+
+
+def _from_a_mid_epoch_checkpoint(strategy: Dict[str, str]) -> Dict[str, Any]:
+    """A fit stopped in its second epoch, its checkpoint, and ``find_label_issues(ckpt_path=...)`` in a fresh Trainer:
+    this process's margins at the stop (closed epochs, and its own sums of the open one) and the margins found."""
+    torch.manual_seed(1)
+    callback = AdaLabel()
+    data = make_loader(num_samples=NUM_SAMPLES).dataset
+    trainer = L.Trainer(**trainer_kwargs(devices=2, max_epochs=2, max_steps=8, callbacks=[callback], **strategy))
+    trainer.fit(TinyClassifier(), DataLoader(IndexedDataset(data), batch_size=BATCH_SIZE, shuffle=True))
+    path = Path(trainer.strategy.broadcast(tempfile.mkdtemp())) / "mid_epoch.ckpt"
+    trainer.save_checkpoint(path)  # written by rank 0, with rank 0's sums of the open epoch
+    fresh = L.Trainer(**trainer_kwargs(devices=2, callbacks=[AdaLabel()], **strategy))
+    found = find_label_issues(TinyClassifier(), DataLoader(data, batch_size=BATCH_SIZE), fresh, ckpt_path=str(path))
+    margins = callback.training_margins
+    return {"margin": found.margin, **{name: getattr(margins, name).clone() for name in
+                                       ("total", "count", "epoch_total", "epoch_count")}}

@@ -1,7 +1,7 @@
 """Data-loading helpers shared by the image and text recipes (no torchvision import)."""
 
 import codecs
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
@@ -32,23 +32,6 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,  # PyTorch refuses it without workers
     )
-
-
-class IndexedTrainingSet(IndexedDataset):
-    """:class:`~lightning_adalabel.IndexedDataset`, with the indices also where the DataLoader fetches a whole batch at
-    once: it calls ``dataset.__getitems__`` where there is one, which IndexedDataset forwards to the wrapped set (a
-    ``Subset``, the hold-out split's training part, has one), so the samples would come without their indices.
-
-    Example:
-        >>> import torch
-        >>> from torch.utils.data import Subset, TensorDataset
-        >>> rows = Subset(TensorDataset(torch.arange(6.0), torch.tensor([0, 1, 0, 1, 0, 1])), [4, 1, 3])
-        >>> next(iter(DataLoader(IndexedTrainingSet(rows), batch_size=3)))[2]
-        tensor([0, 1, 2])
-    """
-
-    def __getitems__(self, indices: List[int]) -> List[Any]:
-        return [self[index] for index in indices]
 
 
 class SplitDataModule(pl.LightningDataModule):
@@ -105,7 +88,7 @@ class SplitDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        train_set = IndexedTrainingSet(self.train_set) if self.index_training_samples else self.train_set
+        train_set = IndexedDataset(self.train_set) if self.index_training_samples else self.train_set
         return self._loader(train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
