@@ -194,6 +194,7 @@ class AdaLabel(pl.Callback):
         resumed from restores them after this, in ``load_state_dict``)."""
         self._pending: List[Any] = []  # the statistics of this step's losses, for the engine to add
         self._pending_margins: List[BatchMargins] = []  # and their margins, when the step passed indices
+        self._margins_sized = False  # whether this fit's training set size was compared with the margins'
         self._first_batch_checked = False
         self._loss_seen_in_training = False
         self._loss_seen_without_grad = False
@@ -264,8 +265,11 @@ class AdaLabel(pl.Callback):
         return value
 
     def _margins_for(self, pl_module: "pl.LightningModule", device: torch.device) -> TrainingMargins:
-        num_samples = self.num_training_samples or _training_set_size(pl_module.trainer)
         margins = self._margins
+        if margins is not None and self._margins_sized and margins.device == device:
+            return margins  # every batch after a fit's first
+        num_samples = self.num_training_samples or _training_set_size(pl_module.trainer)
+        self._margins_sized = True
         if margins is not None and margins.num_samples != num_samples:
             rank_zero_warn(
                 f"AdaLabel's training margins were kept for {margins.num_samples} samples, but this fit's training set"
@@ -584,12 +588,14 @@ class AdaLabel(pl.Callback):
             return TrainingMargins.from_state_dict(state, device)
 
     def _restore_margins(self, state: Optional[Dict[str, Any]], margins: Optional[TrainingMargins] = None) -> None:
+        """The checkpoint's margins, or none where it kept none (as its Q replaces the callback's)."""
         self._pending_margins = []
-        if state is None:
-            return
-        self._margins = margins if margins is not None else self._read_margins(state)
-        self._margins_epoch_open = bool(state.get("epoch_open", False))
-        self._margins_restored = True
+        self._margins_sized = False
+        if state is not None and margins is None:
+            margins = self._read_margins(state)
+        self._margins = margins
+        self._margins_epoch_open = state is not None and bool(state.get("epoch_open", False))
+        self._margins_restored = state is not None
 
     def _check_saved_settings(self, saved: Dict[str, Any]) -> None:
         """Raise a ValueError naming what differs unless the state (read by
@@ -643,7 +649,7 @@ class AdaLabel(pl.Callback):
         self.__dict__.setdefault("_loss_seen_without_grad", False)
         self.__dict__.setdefault("_stage", None)
         for name, value in (("_margins", None), ("_margins_restored", False), ("_margins_epoch_open", False),
-                            ("_pending_margins", []), ("num_training_samples", None)):
+                            ("_pending_margins", []), ("num_training_samples", None), ("_margins_sized", False)):
             self.__dict__.setdefault(name, value)
         # Unpickled in the process that owns the original, this is a copy (copy.deepcopy, a sweep's clones), not the
         # callback of a ddp_spawn child: it hands its state over through a file of its own.

@@ -248,3 +248,13 @@ def test_a_checkpoint_from_other_settings_still_ranks_by_its_margins(tmp_path):
     with pytest.warns(UserWarning, match="the training margins"):
         found = find_label_issues(TinyClassifier(), make_loader(num_samples=NUM_SAMPLES), other, ckpt_path=path)
     assert found.cut_off == "margin" and torch.equal(found.margin, callback.training_margins.mean())
+
+
+def test_a_second_fit_continues_the_margins_of_the_same_set_and_restarts_for_another():
+    callback = AdaLabel()
+    fit(callback, IndexRecorder(), indexed_loader(), max_epochs=1)
+    fit(callback, IndexRecorder(), indexed_loader(), max_epochs=1)  # more training on the same set: both runs count
+    assert callback.training_margins.count.tolist() == [2.0] * NUM_SAMPLES
+    with pytest.warns(UserWarning, match="kept for 90 samples, but this fit's training set has 40"):
+        fit(callback, IndexRecorder(), indexed_loader(num_samples=40), max_epochs=1)
+    assert callback.training_margins.count.tolist() == [1.0] * 40
