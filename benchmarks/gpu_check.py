@@ -276,8 +276,12 @@ def check_overhead(device: str, run: Runner, sizes: Dict[str, Any], work: Path) 
 
 def check_large_k(device: str, run: Runner, sizes: Dict[str, Any], work: Path) -> List[Dict[str, Any]]:
     figures = run_benchmark("large_k", device, run, sizes, work)
-    if figures is None:
-        return []
+    return [] if figures is None else large_k_rows(figures)
+
+
+def large_k_rows(figures: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The large-K row from ``large_k.py --json``'s figures (``tests/test_large_k_benchmark.py`` reads its own run
+    with this too)."""
     speed = figures["speed"]
     ce, sparse = speed[0], speed[1]
     memory = sparse.get("peak_cuda_gb", sparse["peak_rss_gb"])

@@ -35,13 +35,17 @@ def gpu_check_main() -> Callable[[List[str]], int]:
 
 @pytest.mark.slow
 def test_the_cpu_twin_of_every_step_passes_and_writes_every_figure(tmp_path):
-    result = gpu_check("--device", "cpu", "--out", str(tmp_path))
+    # Every step but large_k, whose twin is test_large_k_benchmark's run (the same script, its figures through the
+    # same large_k_rows): one benchmark subprocess fewer, 25 s of the suite's 10 minutes.
+    result = gpu_check("--device", "cpu", "--out", str(tmp_path), "--steps", *(step for step in STEP_ROWS
+                                                                             if step != "large_k"))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     rows = report["rows"]
     assert [each["status"] for each in rows] == ["pass"] * len(rows)
     for step, start in STEP_ROWS.items():
-        assert any(each["check"].startswith(start) for each in rows), f"no row of the {step} step in {rows}"
+        if step != "large_k":
+            assert any(each["check"].startswith(start) for each in rows), f"no row of the {step} step in {rows}"
     # The table printed and written beside the JSON holds every row with its figure.
     table = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {each['check']} | pass | {each['figure']} |" in table for each in rows)

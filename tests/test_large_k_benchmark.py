@@ -1,5 +1,8 @@
-"""The large-label-set benchmark runs end to end from its command line at a tiny K and prints both tables."""
+"""The large-label-set benchmark runs end to end from its command line at a tiny K and prints both tables; its JSON
+figures make the GPU check's large-K row (the suite's run of the GPU check's CPU twin leaves that step to this test)."""
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +15,12 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "large_k.py"
 
 
-def test_large_k_benchmark_prints_its_tables_and_recovers_the_groups():
+def test_large_k_benchmark_prints_its_tables_and_recovers_the_groups(tmp_path):
+    figures = tmp_path / "large_k.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--num-classes", "64", "--top-k", "4", "--steps", "12", "--refresh-every", "6",
          "--batch-size", "32", "--dense-up-to", "64", "--error", "--error-classes", "64", "--error-group-size", "8",
-         "--error-top-k", "2"],
+         "--error-top-k", "2", "--json", str(figures)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -31,3 +35,10 @@ def test_large_k_benchmark_prints_its_tables_and_recovers_the_groups():
     for line in errors:
         l1, held = (float(cell) for cell in line.strip("| ").split(" | ")[4:6])
         assert 0 < l1 < 2 and 0 < held <= 1
+    # The GPU check's large-K row, from these figures: as `gpu_check.py` builds it from its own run.
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    (row,) = gpu_check.large_k_rows(json.loads(figures.read_text()))
+    assert row["status"] == "pass" and row["check"].startswith("alr top_k=4 at K=64"), row
+    assert row["details"]["top_k"]["precision"] > 0.9
