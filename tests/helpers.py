@@ -1,7 +1,9 @@
 """Small models and data shared by the tests: real modules, real loaders, nothing mocked."""
 
+import importlib.util
 import math
 import os
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import lightning as L
@@ -127,3 +129,16 @@ class IndexRecorder(TinyClassifier):
         logits = self(x)
         self.records.append((logits.detach().clone(), y, index))
         return self.adalabel_loss(logits, y, index=index)
+
+
+def run_script_main(script: Path, argv: List[str]) -> int:
+    """``main(argv)`` of a benchmark script, in this process: one interpreter start fewer than a subprocess (about 5 s
+    of the suite each). The script's workers set torch's thread count; it is set back afterwards."""
+    spec = importlib.util.spec_from_file_location(f"script_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(threads)

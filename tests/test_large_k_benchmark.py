@@ -19,14 +19,16 @@ def test_large_k_benchmark_prints_its_tables_and_recovers_the_groups(tmp_path):
     figures = tmp_path / "large_k.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--num-classes", "64", "--top-k", "4", "--steps", "12", "--refresh-every", "6",
-         "--batch-size", "32", "--dense-up-to", "64", "--error", "--error-classes", "64", "--error-group-size", "8",
+         "--batch-size", "32", "--dense-up-to", "0", "--error", "--error-classes", "64", "--error-group-size", "8",
          "--error-top-k", "2", "--json", str(figures)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in result.stdout.splitlines()
             if line.startswith("| 64 |")}
-    assert set(rows) == {"ce", "alr top_k=4", "alr dense"}
+    # Two speed rows, each in a process of its own; the dense engine's speed row is left out (one interpreter start,
+    # 7 s of the suite): the error table below runs the dense engine, and the suite runs it everywhere else.
+    assert set(rows) == {"ce", "alr top_k=4"}
     # Classes in groups of 4 start confused within their group: the sparse rows hold the group mates.
     precision, recall = float(rows["alr top_k=4"][6]), float(rows["alr top_k=4"][7])
     assert precision > 0.9 and recall > 0.9
