@@ -208,8 +208,6 @@ def find_label_issues(
     check_int("log_top", log_top, minimum=0)
     _check_loader(dataloader)
     callback = model._adalabel_callback
-    if ckpt_path is None:  # else the checkpoint, restored by the pass, brings the margins: checked then
-        _check_margins(callback.training_margins if callback is not None else None, cut_off, dataloader)
     if cut_off == "cleanlab":
         _import_cleanlab()  # before the pass, not after it
     if ignore_index is None:

@@ -127,18 +127,13 @@ class TrainingMargins:
                 " without a length, set AdaLabel(num_training_samples=...) to its size."
             )
 
-    @property
-    def has_open_epoch(self) -> bool:
-        """Whether margins were added since the last :meth:`end_epoch` (one host read)."""
-        return bool(self.epoch_count.any())
-
     def mean(self, collective: Optional[Collective] = None) -> Tensor:
         """``(N,)`` each sample's average margin, NaN for a sample no training step saw. With ``collective``, the
         unfinished epoch's margins of every process are included (without ending the epoch)."""
-        total, count = self.total + self.epoch_total, self.count + self.epoch_count
+        epoch = torch.stack([self.epoch_total, self.epoch_count])
         if collective is not None:
-            epoch = collective.sum(torch.stack([self.epoch_total, self.epoch_count]))
-            total, count = self.total + epoch[0], self.count + epoch[1]
+            epoch = collective.sum(epoch)
+        total, count = self.total + epoch[0], self.count + epoch[1]
         return torch.where(count > 0, total / count.clamp_min(1.0), torch.full_like(total, float("nan")))
 
     def drop_open_epoch(self) -> None:

@@ -131,14 +131,19 @@ class IndexRecorder(TinyClassifier):
         return self.adalabel_loss(logits, y, index=index)
 
 
+def load_script(script: Path) -> Any:
+    """A script of ``benchmarks/`` as a module (they are files, not a package), to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(f"script_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script_main(script: Path, argv: List[str]) -> int:
     """``main(argv)`` of a benchmark script, in this process: one interpreter start fewer than a subprocess (about 5 s
     of the suite each). The script's workers set torch's thread count; it is set back afterwards."""
-    spec = importlib.util.spec_from_file_location(f"script_{script.stem}", script)
-    module = importlib.util.module_from_spec(spec)
     threads = torch.get_num_threads()
     try:
-        spec.loader.exec_module(module)
-        return module.main(argv)
+        return load_script(script).main(argv)
     finally:
         torch.set_num_threads(threads)

@@ -1,7 +1,6 @@
 """benchmarks/gpu_check.py, the one command for every GPU check: its CPU twin runs every step end to end here and
 writes every figure beside its table; its CUDA plan runs what the GPU issue asks for."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,8 @@ from typing import Callable, List
 
 import pytest
 import torch
+
+from tests.helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 STEP_ROWS = {  # each step and the start of the rows it writes
@@ -27,10 +28,7 @@ def gpu_check(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
 
 def gpu_check_main() -> Callable[[List[str]], int]:
     """The script's ``main``, to run in this process what needs no process of its own (a dry run, a refusal)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(SCRIPT).main
 
 
 @pytest.mark.slow

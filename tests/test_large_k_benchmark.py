@@ -1,13 +1,14 @@
 """The large-label-set benchmark runs end to end from its command line at a tiny K and prints both tables; its JSON
 figures make the GPU check's large-K row (the suite's run of the GPU check's CPU twin leaves that step to this test)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 # The benchmark runs each method in a process of its own.
 pytestmark = pytest.mark.slow
@@ -38,9 +39,6 @@ def test_large_k_benchmark_prints_its_tables_and_recovers_the_groups(tmp_path):
         l1, held = (float(cell) for cell in line.strip("| ").split(" | ")[4:6])
         assert 0 < l1 < 2 and 0 < held <= 1
     # The GPU check's large-K row, from these figures: as `gpu_check.py` builds it from its own run.
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.parent / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    (row,) = gpu_check.large_k_rows(json.loads(figures.read_text()))
+    (row,) = load_script(SCRIPT.parent / "gpu_check.py").large_k_rows(json.loads(figures.read_text()))
     assert row["status"] == "pass" and row["check"].startswith("alr top_k=4 at K=64"), row
     assert row["details"]["top_k"]["precision"] > 0.9
