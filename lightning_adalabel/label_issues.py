@@ -27,7 +27,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from lightning_adalabel.callback import StrategyCollective
 from lightning_adalabel.inputs import _format, _tensor_validation, invalid_targets_message
@@ -171,7 +178,9 @@ def find_label_issues(
     Args:
         model: a trained :class:`~lightning_adalabel.AdaLabelMixin` module (trained with ALR: its probabilities
             rank the wrong labels far better than those of a model trained with plain cross-entropy).
-        dataloader: an *unshuffled* loader over the training data with its labels. Under DDP Lightning shards it.
+        dataloader: an *unshuffled* loader over the training data with its labels that visits every sample once (a
+            random sampler is refused; one that leaves samples out is refused after the pass, unless the Trainer's
+            ``limit_predict_batches`` limits it). Under DDP Lightning shards it.
         trainer: the Trainer whose predict loop runs the model (devices, strategy, precision); ``None`` builds one
             from ``trainer_kwargs`` (default: no logger, no progress bar).
         cut_off: which samples to flag, see :data:`CUT_OFFS`; ``None``: ``"margin"`` where the training kept the
@@ -238,6 +247,7 @@ def find_label_issues(
     found = collector.result
     if found is None:
         raise ValueError("find_label_issues saw no batch: the loader is empty (or limit_predict_batches is 0).")
+    _check_coverage(collector.samples_seen, dataloader, trainer)
     num_invalid, num_classes = int(found.pop("invalid").sum()), found.pop("num_classes")
     if num_invalid:
         raise ValueError(invalid_targets_message(num_invalid, None, False, num_classes, ignore_index))
@@ -253,13 +263,43 @@ def _check_loader(dataloader: Any) -> None:
             f"find_label_issues takes a torch DataLoader over the training data, got {type(dataloader).__name__}."
             " Pass e.g. `DataLoader(train_set, batch_size=256)` (unshuffled)."
         )
-    sampler = dataloader.batch_sampler.sampler if dataloader.batch_sampler is not None else dataloader.sampler
-    if isinstance(sampler, RandomSampler):
+    if isinstance(dataloader.dataset, IterableDataset):
         raise ValueError(
-            "find_label_issues got a shuffled DataLoader (its sampler is a RandomSampler): a label issue is reported"
-            " by the sample's index in the data set, which a shuffled loader does not keep. Build the loader with"
-            " `shuffle=False` (and without random augmentation), e.g. `DataLoader(train_set, batch_size=256)`."
+            f"find_label_issues needs a map-style data set, whose samples have an index to report; the loader's"
+            f" {type(dataloader.dataset).__name__} is an IterableDataset. Pass a loader over a data set with"
+            " `__getitem__` and `__len__`, e.g. `DataLoader(train_set, batch_size=256)`."
         )
+    if dataloader.batch_size is None and dataloader.batch_sampler is None:
+        raise ValueError(
+            "find_label_issues needs batches of samples, and this DataLoader has batching turned off (batch_size=None)."
+            " Pass e.g. `DataLoader(train_set, batch_size=256)`."
+        )
+    # A custom batch sampler may have no `sampler`; the check after the pass still catches one that skips samples.
+    sampler = getattr(dataloader.batch_sampler, "sampler", dataloader.sampler)
+    if isinstance(sampler, (RandomSampler, WeightedRandomSampler, SubsetRandomSampler)) or (
+        isinstance(sampler, DistributedSampler) and sampler.shuffle
+    ):
+        raise ValueError(
+            f"find_label_issues got a shuffled DataLoader (its sampler is a {type(sampler).__name__}): a label issue"
+            " is reported for each sample of the data set, once, which a random sampler does not visit. Build the"
+            " loader with `shuffle=False` (and without random augmentation), e.g. `DataLoader(train_set,"
+            " batch_size=256)`."
+        )
+
+
+def _check_coverage(samples_seen: int, dataloader: DataLoader, trainer: "pl.Trainer") -> None:
+    """Every sample of a sized data set was ranked, unless the Trainer limits the pass on purpose."""
+    size = len(dataloader.dataset) if isinstance(dataloader.dataset, Sized) else None
+    limit = trainer.limit_predict_batches
+    if size is None or samples_seen >= size or not (isinstance(limit, float) and limit >= 1.0):
+        return
+    sampler = getattr(dataloader.batch_sampler, "sampler", None) or dataloader.batch_sampler or dataloader.sampler
+    raise ValueError(
+        f"find_label_issues saw {samples_seen} of the data set's {size} samples: the loader's sampler"
+        f" ({type(sampler).__name__}) leaves {size - samples_seen} out, and their labels would go unchecked. Pass a"
+        " loader that visits every sample once, e.g. `DataLoader(train_set, batch_size=256)`, or limit the pass on"
+        " purpose with the Trainer's `limit_predict_batches`."
+    )
 
 
 def _check_margins(margins: Optional[TrainingMargins], cut_off: Optional[str], dataloader: DataLoader) -> None:
@@ -328,10 +368,11 @@ class _Collector(BasePredictionWriter):
         self.margins: Optional[TrainingMargins] = None
         self.parts: Dict[str, List[Tensor]] = {}
         self.num_classes = 0
+        self.samples_seen = 0  # distinct samples, labelled or not, over every process
         self.result: Optional[Dict[str, Any]] = None
 
     def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.parts, self.result = {}, None
+        self.parts, self.result, self.samples_seen = {}, None, 0
         # Here, not before the pass: a checkpoint given as `ckpt_path` has been restored by now, margins included.
         callback = getattr(pl_module, "_adalabel_callback", None)
         self.margins = callback.training_margins if callback is not None else None
@@ -372,6 +413,7 @@ class _Collector(BasePredictionWriter):
             return
         invalid = gathered.pop("invalid")
         valid = gathered.pop("valid")
+        self.samples_seen = len(torch.unique(gathered["index"]))
         result = {name: value[valid] for name, value in gathered.items()}
         # One entry per (index, position), in the data set's order; a sampler that pads (DistributedSampler) repeats
         # a few samples: keep one of each.

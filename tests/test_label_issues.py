@@ -2,13 +2,20 @@
 cut-offs, DDP against one process, and the errors for inputs it cannot use. Real Trainers throughout."""
 
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import lightning as L
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_adalabel import AdaLabel, AdaLabelMixin, IndexedDataset, find_label_issues
@@ -154,6 +161,27 @@ def test_precision_comes_from_the_trainer():
     assert not torch.equal(half.score, full.score)  # bfloat16 logits: the pass did run under autocast
 
 
+SIXTY_FOUR = make_loader(num_samples=64).dataset
+
+
+class Stream(IterableDataset):
+    def __iter__(self):
+        return iter([(torch.randn(8), torch.tensor(0))] * 8)
+
+
+class Buckets:
+    """A batch sampler of its own, without a ``sampler`` attribute (as a bucketing sampler has none)."""
+
+    def __init__(self, batches: List[List[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class PlainClassifier(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -172,13 +200,37 @@ class PlainClassifier(L.LightningModule):
         (TinyClassifier(), DataLoader(TensorDataset(torch.randn(8, 8), torch.full((8, 5), 0.2)), batch_size=4),
          "needs the given labels as class indices"),
         (TinyClassifier(), [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))], "takes a torch DataLoader"),
+        (TinyClassifier(), DataLoader(SIXTY_FOUR, sampler=WeightedRandomSampler(torch.ones(64), 64)),
+         r"got a shuffled DataLoader \(its sampler is a WeightedRandomSampler\)"),
+        (TinyClassifier(), DataLoader(SIXTY_FOUR, sampler=SubsetRandomSampler(range(8))),
+         r"its sampler is a SubsetRandomSampler"),
+        (TinyClassifier(), DataLoader(SIXTY_FOUR, sampler=DistributedSampler(
+            SIXTY_FOUR, num_replicas=1, rank=0)), r"its sampler is a DistributedSampler"),
+        (TinyClassifier(), DataLoader(Stream(), batch_size=4), "needs a map-style data set.*Stream is an IterableDataset"),
+        (TinyClassifier(), DataLoader(SIXTY_FOUR, batch_size=None), r"batching turned off"),
+        (TinyClassifier(), DataLoader(SIXTY_FOUR, batch_size=8, sampler=range(0, 64, 2)),
+         r"saw 32 of the data set's 64 samples: the loader's sampler \(range\) leaves 32 out"),
+        (TinyClassifier(), DataLoader(SIXTY_FOUR, batch_sampler=Buckets([[0, 1], [2, 3], [2, 3]])),
+         r"saw 4 of the data set's 64 samples: the loader's sampler \(Buckets\) leaves 60 out"),
     ],
-    ids=["no mixin", "shuffled", "no labels", "not a class", "probability targets", "not a DataLoader"],
+    ids=["no mixin", "shuffled", "no labels", "not a class", "probability targets", "not a DataLoader",
+         "weighted sampler", "random subset", "distributed, shuffled", "iterable data set", "batching off",
+         "a sampler that skips samples", "a batch sampler that skips samples"],
 )
 def test_inputs_it_cannot_use_get_a_one_line_error(model: Any, loader: Any, match: str):
     with pytest.raises((TypeError, ValueError), match=match) as error:
         find_label_issues(model, loader, L.Trainer(**trainer_kwargs()))
     assert "\n" not in str(error.value)
+
+
+def test_every_sample_once_from_any_sampler_or_on_purpose_fewer():
+    """A loader that visits every sample once is ranked whole, whatever its sampler; fewer samples than the data set
+    are refused after the pass (see the errors above) unless the Trainer limits the pass."""
+    model, dataset = TinyClassifier(), SIXTY_FOUR
+    found = find_label_issues(model, DataLoader(dataset, batch_sampler=Buckets([[0, 1, 2], [3], list(range(4, 64))])), **trainer_kwargs())
+    assert found.index.tolist() == list(range(64))
+    found = find_label_issues(model, DataLoader(dataset, batch_size=8), **trainer_kwargs(limit_predict_batches=0.5))
+    assert found.index.tolist() == list(range(32))
 
 
 @pytest.mark.slow
