@@ -36,7 +36,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from lightning_adalabel.callback import StrategyCollective
+from lightning_adalabel.callback import AdaLabel, StrategyCollective
 from lightning_adalabel.inputs import _format, _tensor_validation, invalid_targets_message
 from lightning_adalabel.module import AdaLabelMixin
 from lightning_adalabel.training_margins import TrainingMargins
@@ -190,7 +190,8 @@ def find_label_issues(
             (:func:`inputs_and_target`). Logits and targets follow ``F.cross_entropy``'s layouts; targets must be
             class indices.
         ignore_index: targets equal to it are not samples; default: the AdaLabel callback's (else -100).
-        ckpt_path: a checkpoint to load into ``model`` first, as ``trainer.predict(ckpt_path=...)`` does.
+        ckpt_path: a checkpoint to load into ``model`` first, as ``trainer.predict(ckpt_path=...)`` does; the
+            Trainer needs the AdaLabel callback the run trained with, which receives the checkpoint's margins and Q.
         log_top: log a table of the ``log_top`` most suspect flagged samples through the Trainer's loggers (see
             :func:`log_top_suspects`); 0: none.
 
@@ -228,6 +229,15 @@ def find_label_issues(
         trainer = pl.Trainer(**{**defaults, **trainer_kwargs})
     elif trainer_kwargs:
         raise ValueError(f"Pass either a `trainer` or Trainer settings, not both (got {sorted(trainer_kwargs)}).")
+    if ckpt_path is not None and not any(isinstance(callback, AdaLabel) for callback in trainer.callbacks):
+        # Lightning would restore the weights alone and only warn: the ranking would silently fall back from the
+        # checkpoint's training margins to the final probabilities, and the suggestion would lose Q's rows.
+        raise ValueError(
+            "find_label_issues(ckpt_path=...) restores the checkpoint's AdaLabel state (its training margins and label"
+            " matrix) into the Trainer's AdaLabel callback, and this Trainer has none. Add the callback the run"
+            " trained with: `find_label_issues(model, loader, ckpt_path=..., callbacks=[AdaLabel(...)])`, or"
+            " `trainer=Trainer(callbacks=[AdaLabel(...)])`."
+        )
 
     def predict_step(batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
         # The callback the pass attached (the Trainer's AdaLabel, with a restored checkpoint's Q), else the training's.

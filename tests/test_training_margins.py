@@ -236,6 +236,13 @@ def test_a_checkpoint_brings_its_margins_to_find_label_issues(tmp_path):
     assert found.cut_off == "margin" and torch.equal(found.margin, callback.training_margins.mean())
     with pytest.raises(ValueError, match="kept margins for 90 training samples, but the loader's data set has 40"):
         find_label_issues(TinyClassifier(), make_loader(num_samples=40), fresh, ckpt_path=path)
+    # Built from settings, the pass's Trainer takes the callback among them; without one the margins would be lost.
+    found = find_label_issues(TinyClassifier(), make_loader(num_samples=NUM_SAMPLES), ckpt_path=path,
+                              **trainer_kwargs(callbacks=[AdaLabel()]))
+    assert found.cut_off == "margin" and torch.equal(found.margin, callback.training_margins.mean())
+    with pytest.raises(ValueError, match=r"this Trainer has none\. Add the callback the run trained with") as error:
+        find_label_issues(TinyClassifier(), make_loader(num_samples=NUM_SAMPLES), ckpt_path=path, **trainer_kwargs())
+    assert "\n" not in str(error.value)
 
 
 def test_a_checkpoint_from_other_settings_still_ranks_by_its_margins(tmp_path):
