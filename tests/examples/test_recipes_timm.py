@@ -21,6 +21,7 @@ from lightning_adalabel.examples.cli import main  # noqa: E402
 from lightning_adalabel.examples.recipes import recipe_paths  # noqa: E402
 from lightning_adalabel.examples.recipes.lightning_cli import run  # noqa: E402
 from lightning_adalabel.examples.recipes.vision import build_image_model  # noqa: E402
+from tests.examples.test_recipe_data_errors import CLOSED_PORT  # noqa: E402
 from tests.examples.test_recipes import (  # noqa: E402
     REPO_ROOT,
     adalabel_callback,
@@ -136,19 +137,59 @@ def test_pretrained_needs_a_timm_arch():
         build_image_model("cifar_resnet18", num_classes=10, pretrained=True)
 
 
-def test_pretrained_weights_offline_and_not_cached_name_the_fix(tmp_path):
-    """`pretrained=True` really asks timm for the weights: offline, with an empty Hugging Face cache, the model is not
-    built and the error says what to do (in a fresh process, so that huggingface_hub reads this environment)."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+def build_pretrained_test_resnet(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess:
+    """``build_image_model('timm/test_resnet', 10, pretrained=True)`` in a fresh process (huggingface_hub reads its
+    environment when imported) with its own Hugging Face cache, ``tmp_path / "hf_home"``; it saves the weights."""
+    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower() and name != "HF_HUB_OFFLINE"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", **environment)
     code = (
+        "import torch\n"
         "from lightning_adalabel.examples.recipes.vision import build_image_model\n"
-        "build_image_model('timm/test_resnet', num_classes=10, pretrained=True)\n"
+        "net = build_image_model('timm/test_resnet', num_classes=10, pretrained=True)\n"
+        f"torch.save(net.state_dict(), {str(tmp_path / 'built.pt')!r})\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.slow  # two fresh interpreters that import timm
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "the Hub cannot be reached"])
+def test_pretrained_weights_offline_and_not_cached_name_the_fix(tmp_path, offline):
+    """`pretrained=True` really asks timm for the weights: offline, with an empty Hugging Face cache, the model is not
+    built and the error says what to do. Where the Hub is only unreachable (a closed local port here: nothing leaves
+    the machine), that is told at once, not after huggingface_hub's five retries (54 s on this machine)."""
+    environment = {"HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE=1" else {"HF_ENDPOINT": CLOSED_PORT}
+    result = build_pretrained_test_resnet(tmp_path, **environment)
     assert result.returncode == 1
     error = result.stderr.splitlines()[-1]
-    assert error.startswith("FileNotFoundError: The pretrained weights of timm/test_resnet are not in the Hugging Face")
-    assert error.endswith("or train from scratch with `--model.pretrained false`.")
+    reason = ("could not be downloaded (LocalEntryNotFoundError)" if offline == "HF_HUB_OFFLINE=1"
+              else "the Hub cannot be reached (127.0.0.1:9: Connection refused)")
+    assert error == (
+        f"FileNotFoundError: The pretrained weights of timm/test_resnet are not in the Hugging Face cache and {reason}."
+        " Run once with network access (the weights are then cached; see HF_HOME), or train from scratch with"
+        " `--model.pretrained false`."
+    )
     assert "LocalEntryNotFoundError" in result.stderr  # huggingface_hub's error, kept as the cause
+    assert "Retrying" not in result.stderr
+
+
+@pytest.mark.slow  # a fresh interpreter that imports timm
+def test_pretrained_weights_in_the_cache_load_at_once_where_the_hub_cannot_be_reached(tmp_path):
+    """A compute node without the network but with the weights in its Hugging Face cache (from a run on a login node):
+    timm loads them from the cache, all but the new 10-way classifier, with no retries."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    cached = timm.create_model("test_resnet").state_dict()  # "pretrained" weights: a random 1000-class test_resnet
+    revision = "0" * 40
+    repo = tmp_path / "hf_home" / "hub" / "models--timm--test_resnet.r160_in1k"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    safetensors_torch.save_file(cached, str(repo / "snapshots" / revision / "model.safetensors"))
+    result = build_pretrained_test_resnet(tmp_path, HF_ENDPOINT=CLOSED_PORT)
+    assert result.returncode == 0, result.stderr
+    assert "Retrying" not in result.stderr
+    built = torch.load(tmp_path / "built.pt")
+    assert built["fc.weight"].shape[0] == 10
+    for name, value in built.items():
+        if not name.startswith("fc."):
+            assert torch.equal(value, cached[name]), name

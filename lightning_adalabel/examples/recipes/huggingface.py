@@ -4,17 +4,14 @@ of Hugging Face fine-tuning (no weight decay on biases and normalisation weights
 
 Only the transformer recipes import this module, so the library and the other recipes never need ``transformers``.
 
-Before it loads a Hub name (not a local folder), the module checks in a few seconds that the Hub can be reached; if
-it cannot, it reads the local cache only, as ``HF_HUB_OFFLINE=1`` does, instead of letting ``huggingface_hub`` retry
-five times (about 20 s, longer where connections time out) before it gives up.
+Before it loads a Hub name (not a local folder), the module checks in a few seconds that the Hub can be reached
+(:mod:`~lightning_adalabel.examples.recipes.hub`); if it cannot, it reads the local cache only, as
+``HF_HUB_OFFLINE=1`` does, instead of letting ``huggingface_hub`` retry five times (about 20 s, longer where
+connections time out) before it gives up.
 """
 
 import difflib
-import functools
 import os
-import socket
-import urllib.parse
-import urllib.request
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import lightning.pytorch as pl
@@ -22,6 +19,7 @@ import yaml
 from torch import Tensor, nn
 
 from lightning_adalabel.examples.recipes.classification import ClassificationModule, OptimizerName, ScheduleName
+from lightning_adalabel.examples.recipes.hub import hub_unreachable_reason
 
 TRANSFORMERS_EXTRA = 'pip install "lightning-adalabel[transformers]"'
 
@@ -50,8 +48,6 @@ PREFIX_SPACE_MODEL_TYPES = ("bloom", "gpt2", "roberta", "deberta", "longformer",
 # Parameters of normalisation layers (LayerNorm, RMSNorm, ...) are matched by the class name, which covers the
 # models' own norm classes (T5LayerNorm, LlamaRMSNorm) as well as torch's.
 NORM_CLASS_NAME_PART = "norm"
-# Seconds to wait for a TCP connection to the Hub (or to the proxy the environment names) before reading the cache only.
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def load_tokenizer(name_or_path: str, for_word_lists: bool = False) -> Any:
@@ -117,30 +113,6 @@ def from_pretrained(what: str, load: Callable[..., Any], name_or_path: str, **kw
         return load(name_or_path, **kwargs)
     except LOAD_ERRORS as error:
         raise FileNotFoundError(cannot_load_message(what, name_or_path, error, unreachable)) from error
-
-
-def hub_unreachable_reason() -> Optional[str]:
-    """Why the Hugging Face Hub cannot be reached (``"huggingface.co:443: Connection refused"``), or None when it
-    can, or when ``HF_HUB_OFFLINE`` is set (then nothing tries the network). Asked once per process."""
-    from huggingface_hub import constants
-
-    return None if constants.HF_HUB_OFFLINE else _probe_connection(constants.ENDPOINT)
-
-
-@functools.lru_cache(maxsize=None)
-def _probe_connection(url: str) -> Optional[str]:
-    """A TCP connection to ``url``'s host, or to the proxy that the environment sets for it, within
-    ``HUB_PROBE_TIMEOUT_S`` seconds: None if it opens, else the reason."""
-    target = urllib.parse.urlsplit(url)
-    proxy = urllib.request.getproxies().get(target.scheme)
-    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
-        target = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
-    try:
-        socket.create_connection(address, timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError as error:  # refused, unresolvable name, no route, timed out
-        return f"{address[0]}:{address[1]}: {error.strerror or error}"
-    return None
 
 
 def cannot_load_message(what: str, name_or_path: str, error: Exception, unreachable: Optional[str] = None) -> str:

@@ -11,6 +11,7 @@ from torchvision import models
 from torchvision.transforms import v2
 
 from lightning_adalabel.examples.recipes.classification import ClassificationModule
+from lightning_adalabel.examples.recipes.hub import cache_only, hub_unreachable_reason
 
 CIFAR_PREFIX = "cifar_"
 TIMM_PREFIX = "timm/"
@@ -68,7 +69,9 @@ def build_timm_model(
 
     With ``pretrained``, timm loads the weights of the name's default tag, or of the given one
     (``"convnext_tiny.fb_in22k"``), from the Hugging Face Hub or its local cache, all but the classifier, which is new
-    with ``num_classes`` outputs. timm is an optional dependency, imported here only.
+    with ``num_classes`` outputs; where the Hub cannot be reached, from the cache only, at once, instead of after
+    ``huggingface_hub``'s five retries (:mod:`~lightning_adalabel.examples.recipes.hub`). timm is an optional
+    dependency, imported here only.
 
     Example:
         >>> build_timm_model("convnext_tiyn", num_classes=10)
@@ -87,15 +90,18 @@ def build_timm_model(
             f"{name!r} is not a timm model; {hint}The names are those of timm.list_models(), e.g."
             f" `python -c \"import timm; print(timm.list_models('convnext*'))\"`."
         )
+    unreachable = hub_unreachable_reason() if pretrained else None
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        with cache_only(unreachable is not None):
+            return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
     except FileNotFoundError as error:  # huggingface_hub's LocalEntryNotFoundError: not cached, and offline
         if not pretrained:
             raise
+        why = (f"the Hub cannot be reached ({unreachable})" if unreachable
+               else f"could not be downloaded ({type(error).__name__})")
         raise FileNotFoundError(
-            f"The pretrained weights of timm/{name} are not in the Hugging Face cache and could not be downloaded"
-            f" ({type(error).__name__}). Run once with network access (the weights are then cached; see HF_HOME),"
-            " or train from scratch with `--model.pretrained false`."
+            f"The pretrained weights of timm/{name} are not in the Hugging Face cache and {why}. Run once with network"
+            " access (the weights are then cached; see HF_HOME), or train from scratch with `--model.pretrained false`."
         ) from error
 
 
