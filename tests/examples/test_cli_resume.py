@@ -334,6 +334,26 @@ def test_too_little_training_data_is_an_error_not_a_silent_success(data, tmp_pat
     assert not list(tmp_path.glob("**/*.ckpt"))
 
 
+@pytest.mark.parametrize("command", ["fit", "test", "predict", "label-issues"])
+def test_a_checkpoint_cut_short_or_not_a_checkpoint_is_one_line(command, data, tmp_path, monkeypatch, capsys):
+    """A job killed while it saved leaves a checkpoint cut short; `--ckpt_path` may also name any other file. Both are
+    told in one line with the file's name and what to pass instead, before anything is trained."""
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"state_dict": {"weight": torch.randn(64, 64)}, "hyper_parameters": {}}, whole)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a checkpoint\n")
+    for path in (cut, garbage):
+        status, line = adalabel_in_process([command, *tiny_agnews(data), "--ckpt_path", str(path)], tmp_path,
+                                           monkeypatch, capsys)
+        assert status == 1
+        assert line.startswith(f"adalabel: error: --ckpt_path {path}: cannot be read as a checkpoint (")
+        assert line.endswith("Pass a file that `adalabel fit` saved, whole: a job killed while it saved leaves a file"
+                             " cut short; an earlier checkpoint of the run will do.")
+    assert not list(tmp_path.glob("**/lightning_logs"))  # nothing trained, nothing logged
+
+
 def test_data_options_without_a_recipe_say_to_pass_config_first(data, tmp_path, monkeypatch, capsys):
     status, line = adalabel_in_process(
         ["fit", "--data.root", str(data / "ag_news_csv"), "--config", "agnews"], tmp_path, monkeypatch, capsys

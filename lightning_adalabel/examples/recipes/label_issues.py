@@ -19,11 +19,11 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset, Subset
 
 from lightning_adalabel import AdaLabel, find_label_issues
+from lightning_adalabel.examples.recipes.resume import load_checkpoint
 from lightning_adalabel.label_issues import CUT_OFFS
 from lightning_adalabel.state_versions import read_callback_state
 
@@ -108,7 +108,7 @@ def saved_margins_size(trainer: pl.Trainer, ckpt_path: str) -> Optional[int]:
     without an AdaLabel state, which the pass then refuses). Read without the weights (``mmap``), before the pass, so
     that a mismatch is told in the command's terms."""
     callback = next((each for each in trainer.callbacks if isinstance(each, AdaLabel)), None)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = load_checkpoint(ckpt_path, weights_only=False)
     state = checkpoint.get("callbacks", {}).get(callback.state_key) if callback is not None else None
     margins = read_callback_state(state)["training_margins"] if isinstance(state, dict) else None
     return margins.get("num_samples") if isinstance(margins, dict) else None

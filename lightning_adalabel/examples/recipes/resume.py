@@ -12,7 +12,7 @@ differs from the checkpoint's is refused, since it would be silently ignored or 
 """
 
 import importlib
-import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -68,13 +68,32 @@ def find_newest_checkpoint(root: str, checkpoint_dirs: Iterable[str] = ()) -> Op
     return str(max(files, key=lambda path: path.stat().st_mtime)) if files else None
 
 
+def load_checkpoint(path: str, weights_only: bool = True) -> Dict[str, Any]:
+    """The checkpoint at ``path``, memory-mapped (the weights are not read until used); a file that is not a
+    checkpoint, or one cut short, raises a one-line ``ValueError`` instead of the unpickler's."""
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as error:  # OSError: the zip reader's
+        # The reader's first sentence only: torch's messages go on with advice about weights_only that misleads here.
+        text = " ".join(str(error).split()) or type(error).__name__
+        reason = text.split(". ")[0].rstrip(".")
+        raise ValueError(
+            f"--ckpt_path {path}: cannot be read as a checkpoint ({reason}). Pass a file that `adalabel fit`"
+            " saved, whole: a job killed while it saved leaves a file cut short; an earlier checkpoint of the run"
+            " will do."
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"--ckpt_path {path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint.")
+    return checkpoint
+
+
 def read_saved_settings(path: str) -> SavedSettings:
     """The hyperparameters and checkpoint folder saved in the checkpoint at ``path`` (memory-mapped: the weights are
     not read)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path)
     model = dict(checkpoint.get("hyper_parameters") or {})
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     dirs = [state.get("dirpath") for state in (checkpoint.get("callbacks") or {}).values() if isinstance(state, dict)]
