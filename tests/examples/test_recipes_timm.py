@@ -1,11 +1,12 @@
 """timm backbones in the image recipes (`--model.arch timm/<name>`), end to end through `adalabel fit` on tiny generated
 data in the real on-disk formats, with small randomly initialised timm models: nothing is downloaded."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List
 
 # Set before timm imports huggingface_hub, which reads it once: no test may reach the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,59 +138,73 @@ def test_pretrained_needs_a_timm_arch():
         build_image_model("cifar_resnet18", num_classes=10, pretrained=True)
 
 
-def build_pretrained_test_resnet(tmp_path: Path, **environment: str) -> subprocess.CompletedProcess:
-    """``build_image_model('timm/test_resnet', 10, pretrained=True)`` in a fresh process (huggingface_hub reads its
-    environment when imported) with its own Hugging Face cache, ``tmp_path / "hf_home"``; it saves the weights."""
-    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower() and name != "HF_HUB_OFFLINE"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_TELEMETRY="1", **environment)
-    code = (
-        "import torch\n"
-        "from lightning_adalabel.examples.recipes.vision import build_image_model\n"
-        "net = build_image_model('timm/test_resnet', num_classes=10, pretrained=True)\n"
-        f"torch.save(net.state_dict(), {str(tmp_path / 'built.pt')!r})\n"
-    )
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+# Run in a fresh interpreter (huggingface_hub reads its environment when imported) whose Hugging Face Hub is a closed
+# local port (nothing leaves the machine) and whose cache holds the weights of test_resnet only, as a compute node
+# without the network whose cache was filled on a login node: test_resnet is built from the cache, test_convnext's
+# missing weights are told at once, and test_vit's under HF_HUB_OFFLINE (set as importing with HF_HUB_OFFLINE=1 does).
+OFFLINE_SCENARIOS = """
+import json, sys, torch
+from huggingface_hub import constants
+from lightning_adalabel.examples.recipes.vision import build_image_model
+def last_line(name):
+    try:
+        build_image_model(name, num_classes=10, pretrained=True)
+    except FileNotFoundError as error:
+        return f"{type(error).__name__}: {error}", type(error.__cause__).__name__
+torch.save(build_image_model("timm/test_resnet", num_classes=10, pretrained=True).state_dict(), sys.argv[1])
+unreachable = last_line("timm/test_convnext")
+constants.HF_HUB_OFFLINE = True
+offline = last_line("timm/test_vit")
+print(json.dumps({"unreachable": unreachable, "offline": offline}))
+"""
 
 
-@pytest.mark.slow  # two fresh interpreters that import timm
-@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE=1", "the Hub cannot be reached"])
-def test_pretrained_weights_offline_and_not_cached_name_the_fix(tmp_path, offline):
-    """`pretrained=True` really asks timm for the weights: offline, with an empty Hugging Face cache, the model is not
-    built and the error says what to do. Where the Hub is only unreachable (a closed local port here: nothing leaves
-    the machine), that is told at once, not after huggingface_hub's five retries (54 s on this machine)."""
-    environment = {"HF_HUB_OFFLINE": "1"} if offline == "HF_HUB_OFFLINE=1" else {"HF_ENDPOINT": CLOSED_PORT}
-    result = build_pretrained_test_resnet(tmp_path, **environment)
-    assert result.returncode == 1
-    error = result.stderr.splitlines()[-1]
-    reason = ("could not be downloaded (LocalEntryNotFoundError)" if offline == "HF_HUB_OFFLINE=1"
-              else "the Hub cannot be reached (127.0.0.1:9: Connection refused)")
-    assert error == (
-        f"FileNotFoundError: The pretrained weights of timm/test_resnet are not in the Hugging Face cache and {reason}."
-        " Run once with network access (the weights are then cached; see HF_HOME), or train from scratch with"
-        " `--model.pretrained false`."
-    )
-    assert "LocalEntryNotFoundError" in result.stderr  # huggingface_hub's error, kept as the cause
-    assert "Retrying" not in result.stderr
-
-
-@pytest.mark.slow  # a fresh interpreter that imports timm
-def test_pretrained_weights_in_the_cache_load_at_once_where_the_hub_cannot_be_reached(tmp_path):
-    """A compute node without the network but with the weights in its Hugging Face cache (from a run on a login node):
-    timm loads them from the cache, all but the new 10-way classifier, with no retries."""
+@pytest.fixture(scope="module")
+def offline_node(tmp_path_factory) -> Dict[str, Any]:
+    """What ``OFFLINE_SCENARIOS`` built and said, with the cached weights it was given."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
+    root = tmp_path_factory.mktemp("offline_node")
     cached = timm.create_model("test_resnet").state_dict()  # "pretrained" weights: a random 1000-class test_resnet
     revision = "0" * 40
-    repo = tmp_path / "hf_home" / "hub" / "models--timm--test_resnet.r160_in1k"
+    repo = root / "hf_home" / "hub" / "models--timm--test_resnet.r160_in1k"
     (repo / "snapshots" / revision).mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     safetensors_torch.save_file(cached, str(repo / "snapshots" / revision / "model.safetensors"))
-    result = build_pretrained_test_resnet(tmp_path, HF_ENDPOINT=CLOSED_PORT)
-    assert result.returncode == 0, result.stderr
-    assert "Retrying" not in result.stderr
-    built = torch.load(tmp_path / "built.pt")
+    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower() and name != "HF_HUB_OFFLINE"}
+    env.update(HF_HOME=str(root / "hf_home"), HF_ENDPOINT=CLOSED_PORT, HF_HUB_DISABLE_TELEMETRY="1")
+    result = subprocess.run([sys.executable, "-c", OFFLINE_SCENARIOS, str(root / "built.pt")], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"cached": cached, "built": torch.load(root / "built.pt"), "stderr": result.stderr,
+            **json.loads(result.stdout.splitlines()[-1])}
+
+
+@pytest.mark.slow  # a fresh interpreter that imports timm
+def test_pretrained_weights_in_the_cache_load_at_once_where_the_hub_cannot_be_reached(offline_node):
+    """timm loads the cached weights, all but the new 10-way classifier, without huggingface_hub's five retries
+    (54 s on this machine where the Hub's name does not resolve)."""
+    built, cached = offline_node["built"], offline_node["cached"]
     assert built["fc.weight"].shape[0] == 10
     for name, value in built.items():
         if not name.startswith("fc."):
             assert torch.equal(value, cached[name]), name
+    assert "Retrying" not in offline_node["stderr"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["unreachable", "offline"])
+def test_pretrained_weights_offline_and_not_cached_name_the_fix(offline_node, scenario):
+    """`pretrained=True` really asks timm for the weights: offline (HF_HUB_OFFLINE), or where the Hub cannot be
+    reached, without the weights in the cache, the model is not built and one line says what to do."""
+    line, cause = offline_node[scenario]
+    name, reason = {
+        "unreachable": ("test_convnext", "the Hub cannot be reached (127.0.0.1:9: Connection refused)"),
+        "offline": ("test_vit", "could not be downloaded (LocalEntryNotFoundError)"),
+    }[scenario]
+    assert line == (
+        f"FileNotFoundError: The pretrained weights of timm/{name} are not in the Hugging Face cache and {reason}."
+        " Run once with network access (the weights are then cached; see HF_HOME), or train from scratch with"
+        " `--model.pretrained false`."
+    )
+    assert cause == "LocalEntryNotFoundError"  # huggingface_hub's error, kept as the cause
