@@ -39,19 +39,18 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        sample = self.dataset[index]
-        if isinstance(sample, Mapping):
-            if "index" in sample:
-                raise ValueError("IndexedDataset: the samples already have an 'index' entry; it would be replaced.")
-            return {**sample, "index": index}
-        if isinstance(sample, tuple) or isinstance(sample, list):
-            return (*sample, index)
-        return (sample, index)
+        return _with_index(self.dataset[index], index)
 
     def __getitems__(self, indices: List[int]) -> List[Any]:
-        # The DataLoader fetches a whole batch through __getitems__ where a data set has one (Subset does): without
-        # this, the wrapped set's own would answer, and the samples would come without their indices.
-        return [self[index] for index in indices]
+        # The DataLoader fetches a whole batch through __getitems__ where a data set has one (Subset, Hugging Face
+        # datasets): without this, the wrapped set's own would answer, and the samples would come without their
+        # indices. The wrapped set's batch fetch is kept (one Arrow read for a batch rather than one per row), unless
+        # it returns something other than one sample per index (a batch already collated).
+        fetch = getattr(self.dataset, "__getitems__", None)
+        samples = fetch(indices) if fetch is not None else None
+        if not isinstance(samples, list) or len(samples) != len(indices):
+            samples = [self.dataset[index] for index in indices]
+        return [_with_index(sample, index) for sample, index in zip(samples, indices)]
 
     def __getattr__(self, name: str) -> Any:
         # The wrapped set's attributes (classes, targets, ...), as the recipes and users read them; never a special
@@ -59,3 +58,14 @@ class IndexedDataset(Dataset):
         if name == "dataset" or name.startswith("__"):  # `dataset` not set yet (unpickling): no recursion
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def _with_index(sample: Any, index: int) -> Any:
+    """``sample`` with ``index`` appended, as :class:`IndexedDataset` describes."""
+    if isinstance(sample, Mapping):
+        if "index" in sample:
+            raise ValueError("IndexedDataset: the samples already have an 'index' entry; it would be replaced.")
+        return {**sample, "index": index}
+    if isinstance(sample, (tuple, list)):
+        return (*sample, index)
+    return (sample, index)

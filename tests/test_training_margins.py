@@ -6,13 +6,13 @@ launch)."""
 
 import math
 import pickle
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import lightning as L
 import pytest
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 from lightning_adalabel import AdaLabel, IndexedDataset, find_label_issues
 from lightning_adalabel.training_margins import TrainingMargins, batch_margins
@@ -222,6 +222,37 @@ def test_a_loader_over_an_indexed_subset_batches_the_indices():
     x, y, index = next(iter(DataLoader(IndexedDataset(rows), batch_size=3)))
     assert x.tolist() == [4.0, 1.0, 3.0] and y.tolist() == [0, 1, 1] and index.tolist() == [0, 1, 2]
     assert pickle.loads(pickle.dumps(IndexedDataset(rows)))[2][2] == 2  # to DataLoader workers and back
+
+
+class BatchFetching(Dataset):
+    """A data set that reads a batch at once (as Hugging Face datasets read a batch from Arrow), or returns it
+    collated (``collated=True``); it counts its reads."""
+
+    def __init__(self, collated: bool = False) -> None:
+        self.collated, self.batch_reads, self.sample_reads = collated, 0, 0
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        self.sample_reads += 1
+        return {"x": float(index), "labels": index % 2}
+
+    def __getitems__(self, indices: List[int]) -> Any:
+        self.batch_reads += 1
+        if self.collated:
+            return {"x": [float(index) for index in indices], "labels": [index % 2 for index in indices]}
+        return [{"x": float(index), "labels": index % 2} for index in indices]
+
+
+@pytest.mark.parametrize("collated", [False, True])
+def test_a_data_set_that_reads_whole_batches_keeps_its_batch_read(collated: bool):
+    data = BatchFetching(collated)
+    batch = next(iter(DataLoader(IndexedDataset(data), batch_size=4, sampler=[7, 2, 9, 0])))
+    assert batch["x"].tolist() == [7.0, 2.0, 9.0, 0.0] and batch["index"].tolist() == [7, 2, 9, 0]
+    assert batch["labels"].tolist() == [1, 0, 1, 0]
+    # One read for the batch; a batch returned already collated is read again, one sample at a time.
+    assert (data.batch_reads, data.sample_reads) == ((1, 4) if collated else (1, 0))
 
 
 def test_a_checkpoint_brings_its_margins_to_find_label_issues(tmp_path):
