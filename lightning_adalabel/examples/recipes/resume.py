@@ -74,9 +74,9 @@ def load_checkpoint(path: str, weights_only: bool = True) -> Dict[str, Any]:
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        except (RuntimeError, OSError):  # the legacy (non-zip) format, or a file system, that cannot be memory-mapped
             checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as error:  # OSError: the zip reader's
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
         # The reader's first sentence only: torch's messages go on with advice about weights_only that misleads here.
         text = " ".join(str(error).split()) or type(error).__name__
         reason = text.split(". ")[0].rstrip(".")
