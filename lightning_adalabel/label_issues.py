@@ -222,7 +222,11 @@ def find_label_issues(
         _import_cleanlab()  # before the pass, not after it
     if ignore_index is None:
         ignore_index = getattr(callback, "ignore_index", -100)
-    collector = _Collector(keep_probabilities or cut_off == "cleanlab", cut_off, dataloader)
+    # The callback the module trained with (in this process), if any: a Trainer given here with an AdaLabel of its
+    # own replaces it on the module during the pass (see _Collector.on_predict_start).
+    trained_with = model._adalabel_callback
+    collector = _Collector(keep_probabilities or cut_off == "cleanlab", cut_off, dataloader,
+                           trained_with=None if ckpt_path is not None else trained_with)
     if trainer is None:
         defaults = dict(logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False)
@@ -240,9 +244,8 @@ def find_label_issues(
         )
 
     def predict_step(batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Tensor]:
-        # The callback the pass attached (the Trainer's AdaLabel, with a restored checkpoint's Q), else the training's.
-        attached = model._adalabel_callback
-        engine = attached.engine if attached is not None else None
+        source = collector.source  # whose Q weights the suggestion
+        engine = source.engine if source is not None else None
         return _positions(*logits_and_target(model, batch), ignore_index, engine)
 
     # The pass runs the module's own hooks (device transfer, eval mode, precision) with this step in place of the
@@ -254,6 +257,7 @@ def find_label_issues(
     finally:
         trainer.callbacks.remove(collector)
         del model.predict_step
+        model._adalabel_callback = trained_with  # the pass leaves the module as it found it
     found = collector.result
     if found is None:
         raise ValueError("find_label_issues saw no batch: the loader is empty (or limit_predict_batches is 0).")
@@ -310,6 +314,11 @@ def _check_coverage(samples_seen: int, dataloader: DataLoader, trainer: "pl.Trai
         " loader that visits every sample once, e.g. `DataLoader(train_set, batch_size=256)`, or limit the pass on"
         " purpose with the Trainer's `limit_predict_batches`."
     )
+
+
+def _holds_nothing(callback: Optional[Any]) -> bool:
+    """Whether ``callback`` (an AdaLabel, or None) has learned nothing yet: no label matrix, no margins."""
+    return callback is None or (callback.engine is None and callback.training_margins is None)
 
 
 def _check_margins(margins: Optional[TrainingMargins], cut_off: Optional[str], dataloader: DataLoader) -> None:
@@ -370,11 +379,14 @@ class _Collector(BasePredictionWriter):
     """Keeps each batch's per-position results on the device (no host sync), with the dataset indices that the
     predict loop reports, and gathers them across processes at the end of the pass."""
 
-    def __init__(self, keep_probabilities: bool, cut_off: Optional[str], dataloader: DataLoader) -> None:
+    def __init__(self, keep_probabilities: bool, cut_off: Optional[str], dataloader: DataLoader,
+                 trained_with: Optional[Any] = None) -> None:
         super().__init__(write_interval="batch")
         self.keep_probabilities = keep_probabilities
         self.cut_off = cut_off
         self.dataloader = dataloader
+        self.trained_with = trained_with
+        self.source: Optional[Any] = None  # the AdaLabel callback whose margins and Q the pass uses
         self.margins: Optional[TrainingMargins] = None
         self.parts: Dict[str, List[Tensor]] = {}
         self.num_classes = 0
@@ -385,6 +397,11 @@ class _Collector(BasePredictionWriter):
         self.parts, self.result, self.samples_seen = {}, None, 0
         # Here, not before the pass: a checkpoint given as `ckpt_path` has been restored by now, margins included.
         callback = getattr(pl_module, "_adalabel_callback", None)
+        if callback is not self.trained_with and _holds_nothing(callback) and not _holds_nothing(self.trained_with):
+            # A new AdaLabel in the Trainer given for the pass, with nothing restored into it: what the module's
+            # training learned (its margins and Q) is in the callback it trained with.
+            callback = self.trained_with
+        self.source = callback
         self.margins = callback.training_margins if callback is not None else None
         _check_margins(self.margins, self.cut_off, self.dataloader)
         if self.cut_off is None:

@@ -276,6 +276,20 @@ def test_a_checkpoint_brings_its_margins_to_find_label_issues(tmp_path):
     assert "\n" not in str(error.value)
 
 
+def test_a_new_trainer_for_the_pass_ranks_by_what_the_module_trained_with():
+    """A Trainer built for the pass with an AdaLabel of its own (nothing restored into it), or with none: the ranking
+    and the suggestions are those of the callback the module trained with, and the module still points at it."""
+    callback, model = AdaLabel(), TinyClassifier()
+    trainer, _ = fit(callback, model, indexed_loader(), max_epochs=2)
+    loader = make_loader(num_samples=NUM_SAMPLES)
+    same = find_label_issues(model, loader, trainer)
+    for other in ({"callbacks": [AdaLabel()]}, {}):
+        found = find_label_issues(model, loader, **trainer_kwargs(**other))
+        assert found.cut_off == "margin" and torch.equal(found.margin, callback.training_margins.mean())
+        assert torch.equal(found.suggested, same.suggested)  # weighted by the trained Q, not a new uniform one
+        assert model._adalabel_callback is callback
+
+
 def test_a_checkpoint_from_other_settings_still_ranks_by_its_margins(tmp_path):
     """Evaluating with other AdaLabel settings warns and keeps the callback's Q, but the margins are the run's."""
     callback, model = AdaLabel(), TinyClassifier()
