@@ -294,10 +294,10 @@ def _check_loader(dataloader: Any) -> None:
         isinstance(sampler, DistributedSampler) and sampler.shuffle
     ):
         raise ValueError(
-            f"find_label_issues got a shuffled DataLoader (its sampler is a {type(sampler).__name__}): a label issue"
-            " is reported for each sample of the data set, once, which a random sampler does not visit. Build the"
-            " loader with `shuffle=False` (and without random augmentation), e.g. `DataLoader(train_set,"
-            " batch_size=256)`."
+            f"find_label_issues got a shuffled DataLoader (its sampler is a {type(sampler).__name__}), the kind that"
+            " trains: each sample must be scored once, as it is, and a random sampler may skip or repeat samples"
+            " (and comes with random augmentation). Build a loader for the pass with `shuffle=False` and without"
+            " random augmentation, e.g. `DataLoader(train_set, batch_size=256)`."
         )
 
 
