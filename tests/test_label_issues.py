@@ -206,7 +206,8 @@ class PlainClassifier(L.LightningModule):
          r"its sampler is a SubsetRandomSampler"),
         (TinyClassifier(), DataLoader(SIXTY_FOUR, sampler=DistributedSampler(
             SIXTY_FOUR, num_replicas=1, rank=0)), r"its sampler is a DistributedSampler"),
-        (TinyClassifier(), DataLoader(Stream(), batch_size=4), "needs a map-style data set.*Stream is an IterableDataset"),
+        (TinyClassifier(), DataLoader(Stream(), batch_size=4),
+         "needs a map-style data set.*Stream is an IterableDataset"),
         (TinyClassifier(), DataLoader(SIXTY_FOUR, batch_size=None), r"batching turned off"),
         (TinyClassifier(), DataLoader(SIXTY_FOUR, batch_size=8, sampler=range(0, 64, 2)),
          r"saw 32 of the data set's 64 samples: the loader's sampler \(range\) leaves 32 out"),
@@ -227,7 +228,8 @@ def test_every_sample_once_from_any_sampler_or_on_purpose_fewer():
     """A loader that visits every sample once is ranked whole, whatever its sampler; fewer samples than the data set
     are refused after the pass (see the errors above) unless the Trainer limits the pass."""
     model, dataset = TinyClassifier(), SIXTY_FOUR
-    found = find_label_issues(model, DataLoader(dataset, batch_sampler=Buckets([[0, 1, 2], [3], list(range(4, 64))])), **trainer_kwargs())
+    uneven = Buckets([[0, 1, 2], [3], list(range(4, 64))])
+    found = find_label_issues(model, DataLoader(dataset, batch_sampler=uneven), **trainer_kwargs())
     assert found.index.tolist() == list(range(64))
     found = find_label_issues(model, DataLoader(dataset, batch_size=8), **trainer_kwargs(limit_predict_batches=0.5))
     assert found.index.tolist() == list(range(32))

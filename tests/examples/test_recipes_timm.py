@@ -171,7 +171,8 @@ def offline_node(tmp_path_factory) -> Dict[str, Any]:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     safetensors_torch.save_file(cached, str(repo / "snapshots" / revision / "model.safetensors"))
-    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower() and name != "HF_HUB_OFFLINE"}
+    env = {name: value for name, value in os.environ.items()
+           if "proxy" not in name.lower() and name != "HF_HUB_OFFLINE"}
     env.update(HF_HOME=str(root / "hf_home"), HF_ENDPOINT=CLOSED_PORT, HF_HUB_DISABLE_TELEMETRY="1")
     result = subprocess.run([sys.executable, "-c", OFFLINE_SCENARIOS, str(root / "built.pt")], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
