@@ -336,8 +336,8 @@ def test_too_little_training_data_is_an_error_not_a_silent_success(data, tmp_pat
 
 @pytest.mark.parametrize("command", ["fit", "test", "predict", "label-issues"])
 def test_a_checkpoint_cut_short_or_not_a_checkpoint_is_one_line(command, data, tmp_path, monkeypatch, capsys):
-    """A job killed while it saved leaves a checkpoint cut short; `--ckpt_path` may also name any other file. Both are
-    told in one line with the file's name and what to pass instead, before anything is trained."""
+    """A checkpoint copy stopped midway is cut short; `--ckpt_path` may also name any other file. Both are told in one
+    line with the file's name and what to pass instead, before anything is trained."""
     whole = tmp_path / "whole.ckpt"
     torch.save({"state_dict": {"weight": torch.randn(64, 64)}, "hyper_parameters": {}}, whole)
     cut = tmp_path / "cut.ckpt"
@@ -349,8 +349,8 @@ def test_a_checkpoint_cut_short_or_not_a_checkpoint_is_one_line(command, data, t
                                            monkeypatch, capsys)
         assert status == 1
         assert line.startswith(f"adalabel: error: --ckpt_path {path}: cannot be read as a checkpoint (")
-        assert line.endswith("Pass a file that `adalabel fit` saved, whole: a job killed while it saved leaves a file"
-                             " cut short; an earlier checkpoint of the run will do.")
+        assert line.endswith("Pass a checkpoint that `adalabel fit` saved, whole (a copy stopped midway leaves a file"
+                             " cut short); an earlier checkpoint of the run will do.")
     assert not list(tmp_path.glob("**/lightning_logs"))  # nothing trained, nothing logged
 
 

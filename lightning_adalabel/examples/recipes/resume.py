@@ -81,9 +81,8 @@ def load_checkpoint(path: str, weights_only: bool = True) -> Dict[str, Any]:
         text = " ".join(str(error).split()) or type(error).__name__
         reason = text.split(". ")[0].rstrip(".")
         raise ValueError(
-            f"--ckpt_path {path}: cannot be read as a checkpoint ({reason}). Pass a file that `adalabel fit`"
-            " saved, whole: a job killed while it saved leaves a file cut short; an earlier checkpoint of the run"
-            " will do."
+            f"--ckpt_path {path}: cannot be read as a checkpoint ({reason}). Pass a checkpoint that `adalabel fit`"
+            " saved, whole (a copy stopped midway leaves a file cut short); an earlier checkpoint of the run will do."
         ) from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"--ckpt_path {path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint.")
