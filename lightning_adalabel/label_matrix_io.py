@@ -16,6 +16,21 @@ from lightning_adalabel.validation import validate_label_matrix
 
 PathLike = Union[str, "os.PathLike[str]"]
 FORMATS = (".pt", ".csv")
+# What torch.load raises for a file that is not what torch.save wrote, or one cut short: deep in its zip reader
+# (RuntimeError, or OSError when memory-mapped), the unpickler, or the weights-only unpickler.
+TORCH_LOAD_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError)
+
+
+def load_failure_reason(error: BaseException) -> str:
+    """The first sentence of a :data:`TORCH_LOAD_ERRORS` error, on one line: torch's messages go on with advice
+    (about ``weights_only``, or filing an issue) that misleads for a damaged file.
+
+    Example:
+        >>> load_failure_reason(RuntimeError("PytorchStreamReader failed reading zip archive. An internal error."))
+        'PytorchStreamReader failed reading zip archive'
+    """
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text.split(". ")[0].rstrip(".")
 
 
 def _extension(path: PathLike) -> str:
@@ -84,12 +99,10 @@ def load_label_matrix(path: PathLike) -> Tensor:
 def _read_pt(name: str) -> Tensor:
     try:
         matrix: Any = torch.load(name, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as error:
-        # A truncated or overwritten file fails deep in torch's zip reader or the unpickler.
-        reason = str(error).strip().split(". ")[0] or type(error).__name__
+    except TORCH_LOAD_ERRORS as error:
         raise ValueError(
-            f"{name!r} cannot be read as a label-matrix .pt file (truncated or corrupt: {reason}). Write it again with"
-            " save_label_matrix(Q, path), or load the .csv copy if there is one."
+            f"{name!r} cannot be read as a label-matrix .pt file (truncated or corrupt: {load_failure_reason(error)})."
+            " Write it again with save_label_matrix(Q, path), or load the .csv copy if there is one."
         ) from error
     if not isinstance(matrix, Tensor):
         raise ValueError(f"{name!r} holds a {type(matrix).__name__}, not a label-matrix tensor.")

@@ -12,12 +12,13 @@ differs from the checkpoint's is refused, since it would be silently ignored or 
 """
 
 import importlib
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+
+from lightning_adalabel.label_matrix_io import TORCH_LOAD_ERRORS, load_failure_reason
 
 # Where Lightning writes the checkpoints of a run started with --trainer.default_root_dir ROOT: ModelCheckpoint's
 # last.ckpt in ROOT/<logger name>/<version>/checkpoints/ (or ROOT/checkpoints/ without a logger), and the
@@ -76,13 +77,11 @@ def load_checkpoint(path: str, weights_only: bool = True) -> Dict[str, Any]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
         except (RuntimeError, OSError):  # the legacy (non-zip) format, or a file system, that cannot be memory-mapped
             checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
-    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        # The reader's first sentence only: torch's messages go on with advice about weights_only that misleads here.
-        text = " ".join(str(error).split()) or type(error).__name__
-        reason = text.split(". ")[0].rstrip(".")
+    except TORCH_LOAD_ERRORS as error:
         raise ValueError(
-            f"--ckpt_path {path}: cannot be read as a checkpoint ({reason}). Pass a checkpoint that `adalabel fit`"
-            " saved, whole (a copy stopped midway leaves a file cut short); an earlier checkpoint of the run will do."
+            f"--ckpt_path {path}: cannot be read as a checkpoint ({load_failure_reason(error)}). Pass a checkpoint"
+            " that `adalabel fit` saved, whole (a copy stopped midway leaves a file cut short); an earlier checkpoint"
+            " of the run will do."
         ) from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"--ckpt_path {path}: holds a {type(checkpoint).__name__}, not a Lightning checkpoint.")
