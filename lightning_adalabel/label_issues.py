@@ -289,7 +289,7 @@ def _check_loader(dataloader: Any) -> None:
             " Pass e.g. `DataLoader(train_set, batch_size=256)`."
         )
     # A custom batch sampler may have no `sampler`; the check after the pass still catches one that skips samples.
-    sampler = getattr(dataloader.batch_sampler, "sampler", dataloader.sampler)
+    sampler = _sampler_of(dataloader)
     if isinstance(sampler, (RandomSampler, WeightedRandomSampler, SubsetRandomSampler)) or (
         isinstance(sampler, DistributedSampler) and sampler.shuffle
     ):
@@ -301,13 +301,21 @@ def _check_loader(dataloader: Any) -> None:
         )
 
 
+def _sampler_of(dataloader: DataLoader) -> Any:
+    """What picks the loader's samples: its batch sampler's ``sampler``, or a batch sampler of its own that has none."""
+    batches = dataloader.batch_sampler
+    if batches is None:
+        return dataloader.sampler
+    return batches.sampler if hasattr(batches, "sampler") else batches
+
+
 def _check_coverage(samples_seen: int, dataloader: DataLoader, trainer: "pl.Trainer") -> None:
     """Every sample of a sized data set was ranked, unless the Trainer limits the pass on purpose."""
     size = len(dataloader.dataset) if isinstance(dataloader.dataset, Sized) else None
     limit = trainer.limit_predict_batches
     if size is None or samples_seen >= size or not (isinstance(limit, float) and limit >= 1.0):
         return
-    sampler = getattr(dataloader.batch_sampler, "sampler", None) or dataloader.batch_sampler or dataloader.sampler
+    sampler = _sampler_of(dataloader)
     raise ValueError(
         f"find_label_issues saw {samples_seen} of the data set's {size} samples: the loader's sampler"
         f" ({type(sampler).__name__}) leaves {size - samples_seen} out, and their labels would go unchecked. Pass a"
